@@ -1,0 +1,284 @@
+"""The feature store: one self-describing HDF5 file per slide, written atomically.
+
+Layout (see SPEC.md): ``<out>/coords/<slide_id>.h5`` holds dataset ``coords`` (N, 2) int64, the top-left x, y
+of each patch in level-0 pixels, with the tiling geometry as attributes; ``<out>/features/<tag>/<slide_id>.h5``
+holds the same ``coords`` plus ``features`` (N, D) and optional ``features_views`` (V, N, D). Files are written
+under a temporary name in the same folder and renamed when complete, so a file that exists is complete and a
+crash never leaves a half-written one behind. The readers also accept CLAM ``h5_files/`` and TRIDENT
+``features_*/`` folders, which use the same two dataset names.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from features.errors import InputError
+
+COORDS_DIR = "coords"
+FEATURES_DIR = "features"
+MANIFEST_NAME = "manifest.csv"
+MANIFEST_COLUMNS = ("slide_id", "status", "n_patches", "seconds", "error")
+TMP_MARKER = ".tmp-"
+
+# The geometry every coords dataset carries, so a features file alone can place its patches on the slide.
+COORD_ATTRS = (
+    "patch_size", "patch_size_level0", "patch_level", "downsample", "target_mpp",
+    "mpp_level0", "mpp_source", "level0_width", "level0_height", "overlap",
+)
+FEATURE_ATTRS = ("encoder", "weights", "weights_sha256", "transform", "dtype", "hnm_mil_version")
+
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._\-+ ()\[\]]+$")
+
+
+def safe_slide_id(slide_id: object, source: str = "slide list") -> str:
+    """Return ``slide_id`` as a string that is safe as a file name; never lets a CSV write outside ``out``."""
+    text = str(slide_id).strip()
+    if not text or text in {".", ".."} or not _SAFE_ID.match(text) or text.startswith("."):
+        raise InputError(
+            f"{source}: slide_id {text!r} is not a plain file name; use letters, digits, '.', '_', '-' only "
+            "(no '/' or '..')"
+        )
+    return text
+
+
+def coords_path(out: str | Path, slide_id: str) -> Path:
+    return Path(out) / COORDS_DIR / f"{safe_slide_id(slide_id)}.h5"
+
+
+def features_path(out: str | Path, encoder_tag: str, slide_id: str) -> Path:
+    return Path(out) / FEATURES_DIR / safe_slide_id(encoder_tag, "encoder tag") / f"{safe_slide_id(slide_id)}.h5"
+
+
+def is_complete(path: str | Path) -> bool:
+    """A store file is complete exactly when it exists under its final name (temporaries never are)."""
+    return Path(path).is_file()
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path``; rename it onto ``path`` only if the block finishes."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f"{final.name}{TMP_MARKER}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def remove_stale_temporaries(folder: str | Path) -> int:
+    """Delete temporaries left by killed runs; returns how many were removed."""
+    removed = 0
+    for tmp in Path(folder).rglob(f"*{TMP_MARKER}*"):
+        if tmp.is_file():
+            tmp.unlink()
+            removed += 1
+    return removed
+
+
+def _set_attrs(target: h5py.AttributeManager, attrs: Mapping[str, Any]) -> None:
+    for key, value in attrs.items():
+        if value is None:
+            value = ""
+        elif isinstance(value, (dict, list, tuple)) and not _is_numeric_sequence(value):
+            value = json.dumps(value, sort_keys=True)
+        target[key] = value
+
+
+def _is_numeric_sequence(value: object) -> bool:
+    return isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) for v in value) and len(value) > 0
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+def _check_coords(coords: np.ndarray) -> np.ndarray:
+    coords = np.asarray(coords)
+    if coords.size == 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    if coords.ndim != 2 or coords.shape[1] != 2:
+        raise ValueError(f"coords must have shape (N, 2), got {coords.shape}")
+    return coords.astype(np.int64, copy=False)
+
+
+def write_coords(path: str | Path, coords: np.ndarray, attrs: Mapping[str, Any]) -> Path:
+    """Write a coords-only file (``features tile``)."""
+    coords = _check_coords(coords)
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
+        _set_attrs(h5.create_dataset("coords", data=coords).attrs, attrs)
+    return Path(path)
+
+
+def write_features(
+    path: str | Path,
+    coords: np.ndarray,
+    coord_attrs: Mapping[str, Any],
+    features: np.ndarray,
+    feature_attrs: Mapping[str, Any],
+    views: np.ndarray | None = None,
+) -> Path:
+    """Write a self-contained features file; row i of ``features`` (and of each view) belongs to ``coords[i]``."""
+    coords = _check_coords(coords)
+    features = np.asarray(features)
+    if features.ndim != 2 or features.shape[0] != coords.shape[0]:
+        raise ValueError(f"features {features.shape} do not match coords {coords.shape}")
+    if views is not None and (views.ndim != 3 or views.shape[1:] != features.shape):
+        raise ValueError(f"features_views {views.shape} must be (V, {features.shape[0]}, {features.shape[1]})")
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
+        _set_attrs(h5.create_dataset("coords", data=coords).attrs, coord_attrs)
+        dset = h5.create_dataset("features", data=features, chunks=_row_chunks(features.shape))
+        _set_attrs(dset.attrs, {"dtype": str(features.dtype), **feature_attrs})
+        if views is not None:
+            h5.create_dataset("features_views", data=views.astype(features.dtype, copy=False))
+    return Path(path)
+
+
+def _row_chunks(shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """Chunk by rows so that a random patch subset (training caps) reads little; None for empty datasets."""
+    if shape[0] == 0:
+        return None
+    return (min(shape[0], 1024), shape[1])
+
+
+@dataclass
+class FeatureBag:
+    """What one slide's features file holds, whatever tool wrote it."""
+
+    slide_id: str
+    features: np.ndarray
+    coords: np.ndarray
+    coord_attrs: dict[str, Any] = field(default_factory=dict)
+    feature_attrs: dict[str, Any] = field(default_factory=dict)
+    views: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return int(self.features.shape[0])
+
+
+def read_attrs(path: str | Path, dataset: str = "coords") -> dict[str, Any]:
+    with h5py.File(path, "r") as h5:
+        return {key: _plain(value) for key, value in h5[dataset].attrs.items()} if dataset in h5 else {}
+
+
+def read_coords(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
+    """Coordinates and geometry from a coords or features file."""
+    try:
+        with h5py.File(path, "r") as h5:
+            coords = np.asarray(h5["coords"][:], dtype=np.int64).reshape(-1, 2)
+            attrs = {key: _plain(value) for key, value in h5["coords"].attrs.items()}
+    except (OSError, KeyError) as error:
+        raise InputError(f"{path}: not a readable coords file ({error}); delete it and rerun `features tile`")
+    return coords, attrs
+
+
+def read_bag(path: str | Path, slide_id: str | None = None, rows: np.ndarray | None = None,
+             with_views: bool = False) -> FeatureBag:
+    """Read one slide's features (optionally a sorted subset of rows) from our, CLAM's or TRIDENT's layout."""
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as h5:
+            if "features" not in h5:
+                raise InputError(f"{path}: has no 'features' dataset; is this a coords-only file? run `features extract`")
+            dset = h5["features"]
+            squeeze = dset.ndim == 3 and dset.shape[0] == 1  # some tools store (1, N, D)
+            index = slice(None) if rows is None else np.sort(np.asarray(rows))
+            features = dset[0][index] if squeeze else dset[index]
+            coords = h5["coords"][index] if "coords" in h5 else np.zeros((len(features), 2), dtype=np.int64)
+            views = None
+            if with_views and "features_views" in h5:
+                views = h5["features_views"][:, index] if rows is not None else h5["features_views"][:]
+            coord_attrs = {k: _plain(v) for k, v in h5["coords"].attrs.items()} if "coords" in h5 else {}
+            feature_attrs = {k: _plain(v) for k, v in dset.attrs.items()}
+    except OSError as error:
+        raise InputError(f"{path}: cannot read HDF5 ({error}); delete the file and rerun extraction")
+    return FeatureBag(
+        slide_id=slide_id or path.stem,
+        features=np.asarray(features).reshape(len(features), -1),
+        coords=np.asarray(coords, dtype=np.int64).reshape(-1, 2),
+        coord_attrs=coord_attrs,
+        feature_attrs=feature_attrs,
+        views=views,
+    )
+
+
+def count_patches(path: str | Path) -> int:
+    with h5py.File(path, "r") as h5:
+        dset = h5["features"] if "features" in h5 else h5["coords"]
+        return int(dset.shape[1] if dset.ndim == 3 and dset.shape[0] == 1 else dset.shape[0])
+
+
+def find_feature_files(folder: str | Path) -> dict[str, Path]:
+    """Map slide_id -> features file for our store, a CLAM results folder or a TRIDENT features folder.
+
+    Accepted: a folder of ``*.h5`` files (``<out>/features/<tag>/``, CLAM ``h5_files/``, TRIDENT
+    ``features_<encoder>/``), or a parent holding exactly one of those.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: feature folder not found; pass the folder `features extract` wrote")
+    candidates = [folder, folder / "h5_files"]
+    features_root = folder / FEATURES_DIR
+    if features_root.is_dir():
+        candidates += sorted(p for p in features_root.iterdir() if p.is_dir())
+    candidates += sorted(p for p in folder.glob("features_*") if p.is_dir())
+    found = [c for c in candidates if c.is_dir() and _h5_files(c)]
+    if not found:
+        raise InputError(f"{folder}: no .h5 feature files here or in h5_files/, features/<tag>/ or features_*/")
+    if len(found) > 1 and found[0] != folder:
+        names = ", ".join(str(f) for f in found)
+        raise InputError(f"{folder}: several feature folders ({names}); pass the one to use")
+    return {p.stem: p for p in _h5_files(found[0])}
+
+
+def _h5_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("*.h5") if TMP_MARKER not in p.name)
+
+
+class Manifest:
+    """``<out>/manifest.csv``: one row per slide, rewritten atomically after each slide so it survives a kill."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.rows: dict[str, dict[str, str]] = {}
+        if self.path.is_file():
+            with self.path.open(newline="") as handle:
+                for row in csv.DictReader(handle):
+                    self.rows[row["slide_id"]] = {k: row.get(k, "") for k in MANIFEST_COLUMNS}
+
+    def record(self, slide_id: str, status: str, n_patches: int | None = None, seconds: float | None = None,
+               error: str = "") -> None:
+        self.rows[slide_id] = {
+            "slide_id": slide_id,
+            "status": status,
+            "n_patches": "" if n_patches is None else str(int(n_patches)),
+            "seconds": "" if seconds is None else f"{seconds:.3f}",
+            "error": error.replace("\n", " "),
+        }
+        self.save()
+
+    def save(self) -> None:
+        with atomic_path(self.path) as tmp, tmp.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=MANIFEST_COLUMNS)
+            writer.writeheader()
+            writer.writerows(self.rows[k] for k in sorted(self.rows))

@@ -1,0 +1,28 @@
+"""``mil``: bags of embeddings -> slide models -> evaluation, heatmaps -> pseudo-labels and mining."""
+
+from __future__ import annotations
+
+import sys
+
+from features.commands import dispatch
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "fit": ("mil.training.cli:fit", "train a slide model (LightningCLI: --config configs/mil/abmil.yaml)"),
+    "validate": ("mil.training.cli:validate", "evaluate a checkpoint on the validation split"),
+    "test": ("mil.training.cli:test", "evaluate a checkpoint on the test split; writes predictions and patch scores"),
+    "predict": ("mil.training.cli:predict", "score slides with a checkpoint; writes predictions and patch scores"),
+    "split": ("mil.data.splits:main", "write stratified / case-grouped fold CSVs, or import CLAM splits"),
+    "cv": ("mil.evaluation.cv:main", "run every fold (and seed) and print mean ± std"),
+    "evaluate": ("mil.evaluation.cli:main", "slide metrics with bootstrap CIs; patch metrics when annotations exist"),
+    "heatmap": ("mil.evaluation.heatmap:main", "PNG overlays of patch scores on slide thumbnails"),
+    "mine": ("mil.mining.cli:main", "pseudo-labels and hard negatives from a model's patch scores"),
+    "hnm": ("mil.mining.loop:main", "the full hard-negative mining loop, resumable, for N rounds"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    return dispatch("mil", COMMANDS, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
