@@ -214,7 +214,7 @@ def read_bag(path: str | Path, slide_id: str | None = None, rows: np.ndarray | N
         raise InputError(f"{path}: cannot read HDF5 ({error}); delete the file and rerun extraction")
     return FeatureBag(
         slide_id=slide_id or path.stem,
-        features=np.asarray(features).reshape(len(features), -1),
+        features=np.asarray(features).reshape(len(features), features.shape[-1] if features.ndim > 1 else -1),
         coords=np.asarray(coords, dtype=np.int64).reshape(-1, 2),
         coord_attrs=coord_attrs,
         feature_attrs=feature_attrs,
