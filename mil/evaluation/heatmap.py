@@ -1,0 +1,231 @@
+"""``mil heatmap``: patch scores painted on slide thumbnails, from stored coordinates and scores only.
+
+Each PNG has two panels over the same thumbnail: the scores normalised per slide (where on this slide the model
+looks) and on an absolute scale (how sure it is, comparable across slides: sigmoid of the tumor logit, or for
+attention the share relative to uniform, N·a / (1 + N·a), so 0.5 is exactly 1/N). Annotation outlines are drawn
+when they exist. Optionally the top-K patches are exported as QuPath detections (GeoJSON, level-0 pixels).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from jsonargparse import ActionConfigFile, ArgumentParser
+from matplotlib import colormaps
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+from features.errors import InputError
+from features.store import atomic_path, find_feature_files
+from mil.evaluation.patch_truth import find_patch_scores, patch_size_level0, read_patch_scores
+
+log = logging.getLogger(__name__)
+
+HEADER, GAP, BAR_WIDTH, BAR_LABELS = 22, 10, 14, 40
+ALPHA = 0.55
+COLOURMAP = "turbo"
+OUTLINES = {"tumor": (255, 0, 255), "lookalike": (0, 90, 255), "exclusion": (120, 120, 120)}
+
+
+def absolute_values(values: np.ndarray, score: str) -> np.ndarray:
+    """Scores on a fixed [0, 1] scale: sigmoid of instance logits, or attention relative to the uniform share."""
+    values = np.asarray(values, dtype=np.float64)
+    if score in {"instance", "scores"}:
+        return 1.0 / (1.0 + np.exp(-np.clip(values, -60, 60)))
+    weights = values
+    if len(values) and (values.min() < 0 or abs(values.sum() - 1.0) > 1e-3):  # raw attention logits
+        weights = np.exp(values - values.max())
+        weights /= weights.sum()
+    share = len(values) * weights
+    return share / (1.0 + share)
+
+
+def relative_values(values: np.ndarray) -> np.ndarray:
+    """Scores min-max normalised within the slide (0.5 everywhere when they are all equal)."""
+    values = np.asarray(values, dtype=np.float64)
+    if not len(values):
+        return values
+    span = values.max() - values.min()
+    return (values - values.min()) / span if span > 0 else np.full_like(values, 0.5)
+
+
+def paint(values: np.ndarray, coords: np.ndarray, size_level0: int, scale: tuple[float, float],
+          shape: tuple[int, int]) -> np.ndarray:
+    """A (H, W) map at thumbnail resolution: each patch's square holds its value, NaN where no patch lies.
+
+    Overlapping patches keep the highest value, so a hot patch is never hidden by a neighbour.
+    """
+    grid = np.full(shape, np.nan)
+    sx, sy = scale
+    for (x, y), value in zip(coords, values):
+        x0, y0 = int(np.floor(x * sx)), int(np.floor(y * sy))
+        x1 = max(x0 + 1, int(np.ceil((x + size_level0) * sx)))
+        y1 = max(y0 + 1, int(np.ceil((y + size_level0) * sy)))
+        block = grid[max(y0, 0):y1, max(x0, 0):x1]
+        np.fmax(block, value, out=block)
+    return grid
+
+
+def overlay(thumbnail: np.ndarray, grid: np.ndarray, alpha: float = ALPHA) -> np.ndarray:
+    """Blend the colour-mapped grid onto the thumbnail where patches lie."""
+    colours = colormaps[COLOURMAP](np.nan_to_num(grid, nan=0.0))[..., :3] * 255.0
+    mask = ~np.isnan(grid)[..., None]
+    blended = np.where(mask, (1 - alpha) * thumbnail + alpha * colours, thumbnail)
+    return np.clip(blended, 0, 255).astype(np.uint8)
+
+
+def panel_box(index: int, thumbnail_size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) of panel ``index`` in the composed image (0: per-slide, 1: absolute)."""
+    width, height = thumbnail_size
+    x0 = index * (width + GAP)
+    return x0, HEADER, x0 + width, HEADER + height
+
+
+def compose(panels: list[tuple[str, np.ndarray]], polygons: dict[str, list[Any]],
+            scale: tuple[float, float]) -> Image.Image:
+    """Panels side by side under their titles, annotation outlines on each, and one colour bar at the right."""
+    height, width = panels[0][1].shape[:2]
+    total_width = len(panels) * (width + GAP) + BAR_WIDTH + BAR_LABELS
+    image = Image.new("RGB", (total_width, HEADER + height), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    font = _font(14)
+    for index, (title, pixels) in enumerate(panels):
+        x0, y0, _, _ = panel_box(index, (width, height))
+        image.paste(Image.fromarray(pixels), (x0, y0))
+        draw.text((x0 + 2, 4), title, fill=(0, 0, 0), font=font)
+        for group, colour in OUTLINES.items():
+            for polygon in polygons.get(group, []):
+                ring = [(x0 + px * scale[0], y0 + py * scale[1]) for px, py in np.asarray(polygon.exterior.coords)]
+                if len(ring) > 2:
+                    draw.line(ring + [ring[0]], fill=colour, width=2)
+    bar_x = len(panels) * (width + GAP)
+    ramp = np.linspace(1.0, 0.0, height)[:, None].repeat(BAR_WIDTH, axis=1)
+    image.paste(Image.fromarray((colormaps[COLOURMAP](ramp)[..., :3] * 255).astype(np.uint8)), (bar_x, HEADER))
+    for fraction in (1.0, 0.5, 0.0):
+        y = HEADER + int(round((1.0 - fraction) * (height - 1)))
+        draw.text((bar_x + BAR_WIDTH + 3, min(max(y - 5, HEADER), HEADER + height - 11)), f"{fraction:.1f}",
+                  fill=(0, 0, 0), font=font)
+    return image
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)  # scalable when Pillow has FreeType
+    except (TypeError, ValueError, OSError):
+        return ImageFont.load_default()
+
+
+def render(thumbnail: Image.Image, level0_size: tuple[int, int], coords: np.ndarray, values: np.ndarray,
+           size_level0: int, score: str, polygons: dict[str, list[Any]] | None = None) -> Image.Image:
+    """The two-panel heatmap image for one slide."""
+    pixels = np.asarray(thumbnail.convert("RGB"), dtype=np.float64)
+    scale = (thumbnail.width / level0_size[0], thumbnail.height / level0_size[1])
+    shape = (thumbnail.height, thumbnail.width)
+    low, high = (float(values.min()), float(values.max())) if len(values) else (0.0, 0.0)
+    absolute = "N*a/(1+N*a)" if score == "attention" else "sigmoid(logit)"
+    panels = [(f"per slide [{low:.3g}, {high:.3g}]", overlay(pixels, paint(relative_values(values), coords,
+                                                                             size_level0, scale, shape))),
+              (f"absolute {absolute}", overlay(pixels, paint(absolute_values(values, score), coords,
+                                                             size_level0, scale, shape)))]
+    return compose(panels, polygons or {}, scale)
+
+
+def top_k_geojson(coords: np.ndarray, values: np.ndarray, size_level0: int, k: int, slide_id: str,
+                  score: str) -> dict[str, Any]:
+    """The ``k`` highest-scored patches as QuPath detection objects (square polygons, level-0 pixels)."""
+    order = np.argsort(-np.asarray(values), kind="stable")[:k]
+    features = []
+    for rank, i in enumerate(order, start=1):
+        x, y = int(coords[i, 0]), int(coords[i, 1])
+        ring = [[x, y], [x + size_level0, y], [x + size_level0, y + size_level0], [x, y + size_level0], [x, y]]
+        features.append({
+            "type": "Feature",
+            "geometry": {"type": "Polygon", "coordinates": [ring]},
+            "properties": {"objectType": "detection", "name": f"top {rank}",
+                           "classification": {"name": f"top-{k} {score}", "color": [255, 0, 255]},
+                           "measurements": {score: float(values[i]), "rank": rank}},
+        })
+    return {"type": "FeatureCollection", "features": features, "properties": {"slide_id": slide_id}}
+
+
+def _slide_thumbnail(path: Path, max_size: int) -> tuple[Image.Image, tuple[int, int]]:
+    from features.slides import open_slide
+
+    slide = open_slide(path)
+    try:
+        return slide.get_thumbnail((max_size, max_size)).convert("RGB"), tuple(slide.dimensions)
+    finally:
+        slide.close()
+
+
+def _annotation_polygons(folder: str | None, slide_id: str) -> dict[str, list[Any]]:
+    if not folder:
+        return {}
+    from features.annotations import find_annotation, read_polygons
+
+    path = find_annotation(Path(folder), slide_id)
+    return read_polygons(path) if path is not None else {}
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="mil heatmap", description=__doc__)
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_argument("--run", type=str | None, default=None, help="run directory (uses its patch_scores/)")
+    parser.add_argument("--scores", type=str | None, default=None, help="folder of patch score files")
+    parser.add_argument("--slides", type=str, required=True, help="slide folder, or CSV with slide_id,path")
+    parser.add_argument("--features", type=str, required=True, help="features folder (patch geometry)")
+    parser.add_argument("--annotations", type=str | None, default=None, help="folder of ASAP XML / GeoJSON")
+    parser.add_argument("--out", type=str, required=True, help="output folder for PNGs (and GeoJSON)")
+    parser.add_argument("--slide_ids", type=list[str] | None, default=None, help="only these slides")
+    parser.add_argument("--score", type=str, default="instance", help="instance (tumor logits) or attention")
+    parser.add_argument("--thumbnail_size", type=int, default=1024, help="longest thumbnail side in pixels")
+    parser.add_argument("--geojson_top_k", type=int, default=0, help="also export the top-K patches as GeoJSON")
+    parser.add_argument("--overwrite", type=bool, default=False, help="redo slides whose outputs exist")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if bool(args.run) == bool(args.scores):
+        raise InputError("mil heatmap: pass exactly one of --run DIR or --scores DIR")
+    if args.score not in {"instance", "attention"}:
+        raise InputError(f"--score {args.score!r}: choose instance or attention")
+    from features.slides import list_slides
+
+    score_files = find_patch_scores(args.run or args.scores)
+    slides = {ref.slide_id: ref.path for ref in list_slides(args.slides)}
+    feature_files = find_feature_files(args.features)
+    wanted = list(score_files) if args.slide_ids is None else list(args.slide_ids)
+    unknown = [s for s in wanted if s not in score_files]
+    if unknown:
+        raise InputError(f"--slide_ids {unknown[:5]}: no patch scores for them in {args.run or args.scores}")
+    out = Path(args.out)
+    written = skipped = 0
+    for slide_id in tqdm(wanted, desc="heatmaps", unit="slide"):
+        png = out / f"{slide_id}_{args.score}.png"
+        geojson = out / f"{slide_id}_top{args.geojson_top_k}.geojson"
+        done = png.is_file() and (not args.geojson_top_k or geojson.is_file())
+        if done and not args.overwrite:
+            skipped += 1
+            continue
+        if slide_id not in slides or slide_id not in feature_files:
+            log.warning("%s: no slide or no features file; skipped", slide_id)
+            print(f"warning: {slide_id}: no slide in --slides or no features file in --features; skipped")
+            continue
+        coords, values = read_patch_scores(score_files[slide_id], args.score)
+        size = patch_size_level0(feature_files[slide_id])
+        thumbnail, level0_size = _slide_thumbnail(slides[slide_id], args.thumbnail_size)
+        image = render(thumbnail, level0_size, coords, values, size, args.score,
+                       _annotation_polygons(args.annotations, slide_id))
+        with atomic_path(png) as tmp:
+            image.save(tmp, format="PNG")
+        if args.geojson_top_k:
+            collection = top_k_geojson(coords, values, size, args.geojson_top_k, slide_id, args.score)
+            with atomic_path(geojson) as tmp:
+                tmp.write_text(json.dumps(collection, indent=1))
+        written += 1
+    print(f"heatmaps: {written} written, {skipped} already done, in {out}")
