@@ -1,0 +1,114 @@
+"""``features tile`` and ``features extract``: options, sharding, the closing summary line."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import typing
+from pathlib import Path
+
+import torch
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+from features.extraction.distributed import Shard, default_threads, launch, manifest_for, merge_manifests
+from features.extraction.extract import ExtractOptions, SlideExtractor, Summary, TileOptions
+from features.extraction.extract import tile as tile_slides
+from features.slides import list_slides
+from features.store import remove_stale_temporaries
+
+log = logging.getLogger(__name__)
+
+
+def parser_for(options: type, prog: str, description: str) -> ArgumentParser:
+    parser = ArgumentParser(prog=prog, description=description, default_env=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of these options")
+    parser.add_class_arguments(options, fail_untyped=True, sub_configs=True)
+    return parser
+
+
+def bool_options(options: type, prefix: str = "--") -> set[str]:
+    """``--skip_errors``, ``--encoder.pretrained`` ...: every bool field, nested dataclasses included."""
+    names = set()
+    for name, hint in typing.get_type_hints(options).items():
+        if hint is bool:
+            names.add(prefix + name)
+        elif dataclasses.is_dataclass(hint):
+            names |= bool_options(hint, f"{prefix}{name}.")
+    return names
+
+
+def with_bare_flags(argv: list[str], flags: set[str]) -> list[str]:
+    """Let ``--skip_errors`` alone mean ``--skip_errors true`` (the usual shell idiom)."""
+    out: list[str] = []
+    for i, token in enumerate(argv):
+        out.append(token)
+        following = argv[i + 1] if i + 1 < len(argv) else "--"
+        if token in flags and following.startswith("--"):
+            out.append("true")
+    return out
+
+
+def parse(options: type, argv: list[str], prog: str, description: str):
+    parser = parser_for(options, prog, description)
+    config = parser.parse_args(with_bare_flags(list(argv), bool_options(options)))
+    config.pop("config", None)
+    return options(**parser.instantiate_classes(config).as_dict())
+
+
+def tile(argv: list[str]) -> None:
+    """Find tissue and write patch coordinates (``<out>/coords/<slide_id>.h5``) plus inspection PNGs."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    opts = parse(TileOptions, argv, "features tile", tile.__doc__ or "")
+    remove_stale_temporaries(Path(opts.out))
+    start = time.perf_counter()
+    counts = tile_slides(opts)
+    print(f"tiled {counts['tiled']} slides in {time.perf_counter() - start:.1f} s; {counts['skipped']} already tiled, "
+          f"{counts['error']} errors -> {Path(opts.out) / 'coords'}")
+
+
+def extract(argv: list[str]) -> None:
+    """Tile slides (or reuse coordinates) and embed every patch: ``<out>/features/<tag>/<slide_id>.h5``."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    opts = parse(ExtractOptions, argv, "features extract", extract.__doc__ or "")
+    refs = list_slides(opts.slides)
+    result = launch(lambda shard: extract_shard(opts, refs, shard), opts.accelerator, opts.devices, opts.num_nodes)
+    if result is not None:
+        print(result)
+
+
+def extract_shard(opts: ExtractOptions, refs: list, shard: Shard) -> str | None:
+    """One process's share of the slides; rank 0 cleans up first, merges manifests last, returns the summary."""
+    torch.set_num_threads(opts.threads or default_threads(shard))
+    torch.manual_seed(opts.encoder.seed)
+    if shard.rank == 0:
+        remove_stale_temporaries(Path(opts.out))
+    shard.barrier()
+    manifest = manifest_for(opts.out, shard)
+    extractor = SlideExtractor(opts, shard.device, manifest, rank=shard.rank)
+    summary = extractor.run(shard.take(refs))
+    if shard.world_size > 1:
+        summary = gather_summaries(summary, shard)
+        shard.barrier()
+    if shard.rank != 0:
+        return None
+    if shard.world_size > 1:
+        merge_manifests(opts.out)
+    return summary.line(opts.out, extractor.tag)
+
+
+def gather_summaries(summary: Summary, shard: Shard) -> Summary:
+    """Add up every process's counts (the closing line speaks for the whole run)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return summary
+    gathered: list[Summary | None] = [None] * shard.world_size
+    dist.all_gather_object(gathered, summary)
+    total = Summary()
+    for part in gathered:
+        if part is not None:
+            total = total.add(part)
+    total.seconds = max(part.seconds for part in gathered if part is not None)
+    return total
+

@@ -1,0 +1,1 @@
+"""Encoder training: histology augmentations, contrastive losses, `features pretrain` and `features finetune`."""

@@ -1,0 +1,117 @@
+"""A timm encoder with a projection head, trained with the one contrastive loss (SimCLR or SupCon).
+
+Only the encoder leaves this module (:func:`features.training.weights.save_encoder_weights`): the projection
+head exists to shape the loss and is thrown away, as in SimCLR, because the layer before it transfers better.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from features.encoders import EncoderConfig, build_transform, create_model
+from features.training.contrastive import supcon_loss
+from features.training.weights import load_encoder_weights
+
+
+@dataclass
+class OptimConfig:
+    """SGD with momentum and a cosine schedule after a linear warm-up (ItS2CLR fine-tuning)."""
+
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_fraction: float = 0.05
+    temperature: float = 0.07
+    proj_dim: int = 128
+    hidden_dim: int = 512
+
+
+def build_encoder_model(spec: EncoderConfig) -> nn.Module:
+    """The trunk ``features extract`` would build (seeded random init), in training mode, weights loaded."""
+    model = create_model(spec)
+    if spec.weights:
+        load_encoder_weights(model, spec.weights, strict=spec.strict)
+    return model
+
+
+def input_size(model: nn.Module, spec: EncoderConfig, patch_size: int) -> tuple[int, tuple, tuple]:
+    """Pixels, mean and std the encoder sees at extraction; training must match them."""
+    _, described = build_transform(model, spec, patch_size)
+    return int(described["input_size"][-1]), tuple(described["mean"]), tuple(described["std"])
+
+
+class ContrastiveEncoder(L.LightningModule):
+    """Encoder + MLP projection head; a batch is ``(views (B, V, C, H, W), labels (B,))``, labels < 0 = SimCLR."""
+
+    def __init__(self, encoder: EncoderConfig, optim: OptimConfig):
+        super().__init__()
+        self.spec, self.optim = encoder, optim
+        self.encoder = build_encoder_model(encoder)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(encoder.seed + 1)
+            dim = int(self.encoder.num_features)
+            self.head = nn.Sequential(nn.Linear(dim, optim.hidden_dim), nn.ReLU(inplace=True),
+                                      nn.Linear(optim.hidden_dim, optim.proj_dim))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(images))
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        views, labels = batch
+        b, v = views.shape[:2]
+        z = self(views.flatten(0, 1)).view(b, v, -1)
+        loss = supcon_loss(z, None if bool((labels < 0).all()) else labels, self.optim.temperature)
+        self.log("train/loss", loss, prog_bar=True, batch_size=b)
+        return loss
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.optim.lr, momentum=self.optim.momentum,
+                                    weight_decay=self.optim.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(self.optim.warmup_fraction * total)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))  # phases differ in length: clamp
+            return 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+@dataclass
+class TrainerSpec:
+    """The Lightning Trainer flags a user may need: devices and precision for multi-GPU, caps for quick runs."""
+
+    accelerator: str = "auto"
+    devices: int | str = "auto"
+    strategy: str = "auto"
+    num_nodes: int = 1
+    precision: str = "32-true"
+    max_epochs: int = 1
+    max_steps: int = -1
+    limit_train_batches: int | float = 1.0
+    log_every_n_steps: int = 10
+    enable_progress_bar: bool = True
+    deterministic: bool = False
+
+
+def make_trainer(spec: TrainerSpec, root_dir: str, **extra: Any) -> L.Trainer:
+    """A Trainer that writes logs under ``root_dir`` and keeps no checkpoints (the weights file is the output)."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    return L.Trainer(
+        accelerator=spec.accelerator, devices=spec.devices, strategy=spec.strategy, num_nodes=spec.num_nodes,
+        precision=spec.precision, max_epochs=spec.max_epochs, max_steps=spec.max_steps,
+        limit_train_batches=spec.limit_train_batches, log_every_n_steps=spec.log_every_n_steps,
+        enable_progress_bar=spec.enable_progress_bar, deterministic=spec.deterministic,
+        enable_checkpointing=False, logger=CSVLogger(root_dir, name="logs"), default_root_dir=root_dir,
+        enable_model_summary=False, **extra,
+    )

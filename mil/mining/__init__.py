@@ -1,0 +1,1 @@
+"""Pseudo-labels, hard negatives, selection quality and the hard-negative mining loop (HNM-WSI)."""

@@ -1,0 +1,101 @@
+"""``mil mine``: a selection file (and its quality, given annotations) from a run's training patch scores.
+
+    mil mine --scores runs/r0/patch_scores --labels cohort/labels.csv --out r0/selection.csv \
+        --round 0 --mining.neg_ratio 0.1 [--annotations cohort/annotations --coords r0/features]
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from jsonargparse import ArgumentParser, ActionConfigFile
+
+from features.errors import InputError
+from features.selection import counts_by_kind, write_selection
+from features.store import coords_path, read_attrs
+from mil.mining.mine import MiningConfig, read_patch_scores, read_slide_labels, select_patches, training_patch_table
+from mil.mining.quality import selection_quality, truth_categories, write_quality
+
+QUALITY_NAME = "selection_quality.json"
+
+
+@dataclass
+class MineArgs:
+    """What ``mil mine`` reads and writes."""
+
+    scores: str  # a run directory or its patch_scores/ folder (from `mil predict --data.predict_split train`)
+    labels: str  # labels CSV: slide_id,label and split (or fold_<k>)
+    out: str  # selection CSV to write; selection_quality.json goes next to it
+    fold: int | None = None
+    round: int = 0  # mining round: sets the self-paced positive fraction r(round) and the random seed
+    annotations: str | None = None  # folder of ASAP XML / GeoJSON; enables selection quality
+    coords: str | None = None  # feature store (or coords folder) giving each slide's patch size at level 0
+    label_map: dict[str, int] = field(default_factory=dict)
+    mining: MiningConfig = field(default_factory=MiningConfig)
+
+
+def parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="mil mine", description=__doc__.splitlines()[0], default_env=False)
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_class_arguments(MineArgs, as_positional=False, fail_untyped=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    namespace = parser().parse_args(argv)
+    namespace.pop("config", None)
+    args = parser().instantiate_classes(namespace)
+    mine(MineArgs(**{k: args[k] for k in MineArgs.__dataclass_fields__}))
+
+
+def mine(args: MineArgs) -> pd.DataFrame:
+    """Run mining end to end; returns the selection written to ``args.out``."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    labels = read_slide_labels(args.labels, args.fold, args.label_map)
+    train_ids = set(labels.loc[labels["split"] == "train", "slide_id"])
+    if not train_ids:
+        raise InputError(f"{args.labels}: no slide has split 'train'; mining uses training slides only")
+    table = training_patch_table(read_patch_scores(args.scores), labels)
+    if table.empty:
+        raise InputError(f"{args.scores}: no patch scores for any training slide; run `mil predict "
+                         "--data.predict_split train` with the same labels CSV")
+    if args.annotations:
+        sizes = {s: patch_size_level0(args, s) for s in table["slide_id"].unique()}
+        table["truth"] = truth_categories(table, args.annotations, sizes)
+    selection = select_patches(table, args.mining, args.round)
+    write_selection(args.out, selection)
+    counts = counts_by_kind(selection)
+    print(f"selection: {args.out}  " + "  ".join(f"{kind}={n}" for kind, n in counts.items())
+          + f"  (from {len(table)} patches of {table['slide_id'].nunique()} training slides)")
+    if args.annotations:
+        report = selection_quality(table, selection)
+        write_quality(Path(args.out).with_name(QUALITY_NAME), report)
+        print(quality_line(report))
+    return selection
+
+
+def quality_line(report: dict) -> str:
+    hard = report["hard_negative_composition"]
+    return (f"quality: positive precision {report['positive_precision']:.3f}; hard negatives "
+            f"lookalike {hard['lookalike']:.3f} / normal {hard['normal']:.3f} / tumor {hard['tumor']:.3f}; "
+            f"look-alike enrichment vs random {report['lookalike_enrichment']:.2f}x")
+
+
+def patch_size_level0(args: MineArgs, slide_id: str) -> int:
+    """Patch side in level-0 pixels: from the store's coords attrs, else from the patch-scores file."""
+    candidates = []
+    if args.coords:
+        root = Path(args.coords)
+        candidates += [coords_path(root, slide_id), root / f"{slide_id}.h5", *sorted(root.glob(f"features/*/{slide_id}.h5"))]
+    scores = Path(args.scores)
+    candidates += [scores / "patch_scores" / f"{slide_id}.h5", scores / f"{slide_id}.h5"]
+    for path in candidates:
+        if path.is_file():
+            size = read_attrs(path).get("patch_size_level0")
+            if size:
+                return int(np.asarray(size).item())
+    raise InputError(f"{slide_id}: patch size at level 0 unknown; pass --coords with the feature store folder")

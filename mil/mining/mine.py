@@ -1,0 +1,151 @@
+"""Choosing patches for encoder fine-tuning: self-paced positives, hard negatives, plain negatives.
+
+Input is one long table of training-slide patches (``slide_id, x, y, score, label, split``) built from a run's
+``patch_scores/`` and the labels CSV. Only training slides may enter it: a validation slide whose patches
+shaped the encoder would make every later validation number optimistic, so :func:`select_patches` refuses any
+other split rather than silently dropping it.
+
+Hard negatives are the ``neg_ratio`` highest-scoring patches of normal slides: patches the slide model thinks
+look like tumour although the slide label proves they are not (look-alikes, artefacts). Because a fine-tuning
+epoch is one pass over this pool, ``neg_ratio`` also sets the cost of fine-tuning.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+
+from features.errors import InputError
+from mil.mining.pseudo_labels import PositiveSchedule, pseudo_positive_mask, sigmoid
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LABEL_MAP = {"normal": 0, "negative": 0, "tumor": 1, "tumour": 1, "positive": 1, "0": 0, "1": 1}
+
+
+@dataclass
+class MiningConfig:
+    """Every threshold and ratio of mining; the defaults follow ItS2CLR / HNM-WSI."""
+
+    threshold: float = 0.3  # on sigmoid(logit): patch probability a tumour-slide patch needs to be a candidate
+    positives: PositiveSchedule = field(default_factory=PositiveSchedule)
+    neg_ratio: float = 0.1  # fraction of all normal-slide training patches kept as hard negatives (top by score)
+    random_ratio: float = 0.0  # extra fraction of normal-slide patches drawn at random as plain negatives
+    min_hard_negatives: int = 1  # at least this many, so tiny cohorts still give a hard-negative phase
+    max_positives: int | None = None  # caps keep a fine-tuning epoch bounded on huge cohorts
+    max_hard_negatives: int | None = None
+    seed: int = 0
+
+
+def read_patch_scores(folder: str | Path, slide_ids: set[str] | None = None) -> pd.DataFrame:
+    """``patch_scores/<slide_id>.h5`` files -> one table ``slide_id, x, y, score`` (raw logits)."""
+    folder = Path(folder)
+    if (folder / "patch_scores").is_dir():
+        folder = folder / "patch_scores"
+    files = sorted(p for p in folder.glob("*.h5") if ".tmp-" not in p.name)
+    if not files:
+        raise InputError(f"{folder}: no patch_scores/*.h5; run `mil predict --data.predict_split train` first")
+    frames = []
+    for path in files:
+        if slide_ids is not None and path.stem not in slide_ids:
+            continue
+        try:
+            with h5py.File(path, "r") as h5:
+                coords = np.asarray(h5["coords"][:], dtype=np.int64).reshape(-1, 2)
+                scores = np.asarray(h5["scores"][:], dtype=np.float64).reshape(-1)
+        except (OSError, KeyError) as error:
+            raise InputError(f"{path}: not a patch-scores file ({error}); rerun `mil predict`") from None
+        if len(scores) != len(coords):
+            raise InputError(f"{path}: {len(scores)} scores for {len(coords)} coords; rerun `mil predict`")
+        frames.append(pd.DataFrame({"slide_id": path.stem, "x": coords[:, 0], "y": coords[:, 1], "score": scores}))
+    if not frames:
+        return pd.DataFrame({"slide_id": [], "x": [], "y": [], "score": []})
+    return pd.concat(frames, ignore_index=True)
+
+
+def read_slide_labels(path: str | Path, fold: int | None = None, label_map: dict[str, int] | None = None) -> pd.DataFrame:
+    """``slide_id, label, split`` from a labels CSV (``split`` column, or ``fold_<k>`` with ``fold=k``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: labels CSV not found")
+    table = pd.read_csv(path, dtype={"slide_id": str, "label": str})
+    split_column = "split" if fold is None else f"fold_{fold}"
+    for column in ("slide_id", "label", split_column):
+        if column not in table.columns:
+            raise InputError(f"{path}: no '{column}' column; mining needs slide_id, label and the split "
+                             "(a 'split' column, or fold_<k> columns with --fold k)")
+    mapping = {**DEFAULT_LABEL_MAP, **{str(k).lower(): int(v) for k, v in (label_map or {}).items()}}
+    labels = table["label"].astype(str).str.strip().str.lower().map(mapping)
+    if labels.isna().any():
+        bad = sorted(set(table.loc[labels.isna(), "label"]))[:5]
+        raise InputError(f"{path}: labels {bad} are not binary; map them with --label_map")
+    return pd.DataFrame({"slide_id": table["slide_id"].astype(str), "label": labels.astype(int),
+                         "split": table[split_column].astype(str).str.strip().str.lower()})
+
+
+def training_patch_table(scores: pd.DataFrame, labels: pd.DataFrame) -> pd.DataFrame:
+    """Join patch scores with slide labels, keeping training slides only (matched by slide_id, never by order)."""
+    train = labels[labels["split"] == "train"]
+    table = scores.merge(train, on="slide_id", how="inner", validate="many_to_one")
+    dropped = sorted(set(scores["slide_id"]) - set(train["slide_id"]))
+    if dropped:
+        log.info("mining ignores %d slide(s) outside the training split (e.g. %s)", len(dropped), dropped[:3])
+    return table
+
+
+def select_patches(table: pd.DataFrame, config: MiningConfig, round_index: int = 0) -> pd.DataFrame:
+    """The selection (SPEC columns + ``prob``, ``slide_label``) from a training patch table."""
+    if len(table) and set(table["split"]) != {"train"}:
+        raise ValueError(f"mining got non-training slides (splits {sorted(set(table['split']))}); only train is allowed")
+    table = table.reset_index(drop=True)
+    probs = sigmoid(table["score"].to_numpy())
+    slide_ids = table["slide_id"].to_numpy()
+    labels = table["label"].to_numpy()
+    fraction = config.positives.fraction(round_index)
+    positive = pseudo_positive_mask(slide_ids, labels, probs, config.threshold, fraction)
+    positive = _cap(positive, probs, config.max_positives)
+    normal = np.flatnonzero(labels == 0)
+    hard = _top_fraction(normal, probs, config.neg_ratio, config.min_hard_negatives, config.max_hard_negatives)
+    rest = np.setdiff1d(normal, hard)
+    rng = np.random.default_rng([config.seed, round_index])
+    n_random = min(len(rest), int(round(config.random_ratio * len(normal))))
+    plain = np.sort(rng.choice(rest, size=n_random, replace=False)) if n_random else np.zeros(0, dtype=np.int64)
+    kinds = np.full(len(table), "", dtype=object)
+    kinds[positive] = "positive"
+    kinds[hard] = "hard_negative"
+    kinds[plain] = "negative"
+    chosen = table.assign(prob=probs, kind=kinds)[kinds != ""]
+    selection = pd.DataFrame({
+        "slide_id": chosen["slide_id"], "x": chosen["x"], "y": chosen["y"],
+        "pseudo_label": (chosen["kind"] == "positive").astype(int), "score": chosen["score"],
+        "kind": chosen["kind"], "prob": chosen["prob"], "slide_label": chosen["label"], "round": round_index,
+    })
+    for column in ("truth",):
+        if column in chosen.columns:
+            selection[column] = chosen[column]
+    return selection.reset_index(drop=True)
+
+
+def _top_fraction(rows: np.ndarray, probs: np.ndarray, ratio: float, minimum: int, cap: int | None) -> np.ndarray:
+    if len(rows) == 0:
+        return np.zeros(0, dtype=np.int64)
+    keep = min(len(rows), max(minimum, int(round(ratio * len(rows)))))
+    if cap is not None:
+        keep = min(keep, cap)
+    order = rows[np.lexsort((rows, -probs[rows]))]
+    return np.sort(order[:keep])
+
+
+def _cap(mask: np.ndarray, probs: np.ndarray, cap: int | None) -> np.ndarray:
+    if cap is None or mask.sum() <= cap:
+        return mask
+    rows = np.flatnonzero(mask)
+    keep = rows[np.lexsort((rows, -probs[rows]))][:cap]
+    capped = np.zeros_like(mask)
+    capped[keep] = True
+    return capped

@@ -1,0 +1,70 @@
+"""Per-patch pseudo-labels from a slide model's patch scores, and the self-paced positive fraction.
+
+The slide model writes raw tumour logits per patch. Thresholds are stated on probabilities (ItS2CLR uses 0.3
+on the instance classifier's sigmoid output), so logits go through a sigmoid first: 0.3 on the probability
+scale is a logit of about -0.85. Only patches of tumour slides can be pseudo-positive: a normal slide's label
+already says every patch in it is normal.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    logits = np.asarray(logits, dtype=np.float64)
+    return 0.5 * (1.0 + np.tanh(0.5 * logits))  # overflow-free form of 1 / (1 + exp(-x))
+
+
+@dataclass
+class PositiveSchedule:
+    """Self-paced fraction r(round) of above-threshold tumour-slide patches taken as positives.
+
+    Early rounds trust only the most confident patches; r grows linearly from ``start`` to ``end`` over
+    ``ramp_rounds`` rounds once ``warmup_rounds`` have passed (ItS2CLR grows 0.2 -> 0.8 after a warm-up).
+    """
+
+    start: float = 0.2
+    end: float = 0.8
+    warmup_rounds: int = 0
+    ramp_rounds: int = 3
+
+    def fraction(self, round_index: int) -> float:
+        progress = (round_index - self.warmup_rounds) / max(1, self.ramp_rounds)
+        return float(self.start + (self.end - self.start) * min(1.0, max(0.0, progress)))
+
+
+def pseudo_positive_mask(slide_ids: np.ndarray, slide_labels: np.ndarray, probs: np.ndarray, threshold: float,
+                         fraction: float) -> np.ndarray:
+    """Mask of pseudo-positive patches: the top ``fraction`` (by probability) of tumour-slide patches >= threshold.
+
+    Ranking is over the whole training cohort, so a confident slide contributes more than a doubtful one. When
+    no patch passes the threshold (a weak first model), the top patch of each tumour slide is taken instead,
+    with a warning, so the loop never stalls on an empty positive set.
+    """
+    slide_ids, probs = np.asarray(slide_ids), np.asarray(probs, dtype=np.float64)
+    tumour = np.asarray(slide_labels) == 1
+    candidates = np.flatnonzero(tumour & (probs >= threshold))
+    mask = np.zeros(len(probs), dtype=bool)
+    if len(candidates) == 0:
+        if tumour.any():
+            warnings.warn(f"no tumour-slide patch has probability >= {threshold}; taking the top patch of each "
+                          "tumour slide as positive", stacklevel=2)
+            mask[top_per_slide(slide_ids, probs, tumour)] = True
+        return mask
+    keep = max(1, int(round(fraction * len(candidates))))
+    order = candidates[np.lexsort((candidates, -probs[candidates]))]  # ties broken by position: deterministic
+    mask[order[:keep]] = True
+    return mask
+
+
+def top_per_slide(slide_ids: np.ndarray, scores: np.ndarray, where: np.ndarray) -> np.ndarray:
+    """Index of the highest-scoring patch of each slide among ``where``."""
+    picks = []
+    for slide in np.unique(slide_ids[where]):
+        rows = np.flatnonzero(where & (slide_ids == slide))
+        picks.append(rows[int(np.argmax(scores[rows]))])
+    return np.asarray(picks, dtype=np.int64)

@@ -1,0 +1,104 @@
+"""``MILModule``: any aggregator plus the bag objective, with one step shared by train, val, test and predict.
+
+Each step returns the per-slide scores and per-patch scores it computed, so the run-directory callbacks
+(``mil.training.outputs``) write predictions and patch scores without a second pass. ``val_auc`` is what
+checkpointing and early stopping watch.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import Tensor
+from torchmetrics.classification import BinaryAUROC, MulticlassAUROC
+
+from mil.aggregators.base import Aggregator, AggregatorOutput
+from mil.losses.bag import BagLoss
+
+
+class MILModule(LightningModule):
+    def __init__(self, aggregator: Aggregator, loss: BagLoss | None = None, lr: float = 2e-4,
+                 weight_decay: float = 1e-4, scheduler: Literal["cosine", "none"] = "cosine"):
+        """
+        Args:
+            aggregator: The slide model (``class_path`` of any ``mil.aggregators`` class).
+            loss: The objective; default bag BCE/CE with pos_weight from the training split.
+            lr: AdamW learning rate.
+            weight_decay: AdamW weight decay.
+            scheduler: Cosine decay over ``trainer.max_epochs``, or a constant rate.
+        """
+        super().__init__()
+        self.aggregator = aggregator
+        self.loss = loss or BagLoss()
+        self.lr, self.weight_decay, self.scheduler = lr, weight_decay, scheduler
+        make_auc = (lambda: BinaryAUROC()) if aggregator.n_outputs == 1 else (
+            lambda: MulticlassAUROC(num_classes=aggregator.num_classes))
+        self.auc = torch.nn.ModuleDict({f"{stage}_auc": make_auc() for stage in ("train", "val", "test")})
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        self.loss.set_auto_pos_weight(getattr(datamodule, "pos_weight", None))
+
+    def forward(self, features: Tensor, mask: Tensor) -> AggregatorOutput:
+        return self.aggregator(features, mask)
+
+    def probabilities(self, logits: Tensor) -> Tensor:
+        """(B, C) class probabilities; binary models get [1 - p, p] from their single tumour logit."""
+        logits = logits.float()
+        if logits.shape[1] == 1:
+            tumour = torch.sigmoid(logits[:, 0])
+            return torch.stack([1 - tumour, tumour], dim=1)
+        return torch.softmax(logits, dim=1)
+
+    def _step(self, batch: dict, stage: str) -> dict:
+        output = self(batch["features"], batch["mask"])
+        labels = batch["label"]
+        results = self._results(batch, output)
+        if stage == "predict":
+            return results
+        terms = self.loss(output, batch["mask"], labels)
+        auxiliary = self.aggregator.auxiliary_loss(output, labels)
+        if auxiliary is not None:
+            terms["auxiliary"] = auxiliary
+            terms["loss"] = terms["loss"] + auxiliary
+        size = len(labels)
+        self.log_dict({f"{stage}_{name}": value.detach() for name, value in terms.items()}, batch_size=size,
+                      on_step=False, on_epoch=True)
+        probs = results["probs"].to(self.device)
+        self.auc[f"{stage}_auc"].update(probs[:, 1] if probs.shape[1] == 2 else probs, labels)
+        self.log(f"{stage}_auc", self.auc[f"{stage}_auc"], on_step=False, on_epoch=True, batch_size=size, prog_bar=stage == "val")
+        return {"loss": terms["loss"], **results}
+
+    def _results(self, batch: dict, output: AggregatorOutput) -> dict:
+        """Per-slide probabilities and per-patch scores, detached on the CPU, for writing to the run directory."""
+        probs = self.probabilities(output.logits.detach()).cpu()
+        return {
+            "slide_id": batch["slide_id"],
+            "label": batch["label"].cpu(),
+            "probs": probs,
+            "mask": batch["mask"].cpu(),
+            "coords": batch["coords"].cpu(),
+            "instance_scores": output.instance_scores.detach().float().cpu(),
+            "attention": None if output.attention is None else output.attention.detach().float().cpu(),
+        }
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        return self._step(batch, "train")["loss"]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> dict:
+        return self._step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> dict:
+        return self._step(batch, "test")
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        return self._step(batch, "predict")
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        if self.scheduler == "none" or not self.trainer.max_epochs or self.trainer.max_epochs < 1:
+            return optimizer
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.trainer.max_epochs)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cosine, "interval": "epoch"}}

@@ -1,0 +1,136 @@
+"""What a run leaves in its directory, written by callbacks so every subcommand writes the same files.
+
+- ``versions.json``: library versions and the device, so a number can be traced to the software behind it.
+- ``predictions_<split>.csv`` and ``predictions.csv`` (the last split evaluated): ``slide_id,label,score,split``
+  plus ``prob_<c>`` per class for multi-class models. ``score`` is the tumour probability (1 - P(class 0)).
+- ``patch_scores/<slide_id>.h5`` (test and predict): ``coords`` (N, 2), ``scores`` (N,) the model's tumour logit
+  per patch in the features file's row order, and ``attention`` (N,) where the model has one.
+
+Nothing is written during the validation passes inside ``fit``: those files come from the best checkpoint,
+evaluated once training ends.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import platform
+import warnings
+from importlib import metadata
+from pathlib import Path
+
+import h5py
+import pandas as pd
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_only
+
+from features.store import atomic_path, safe_slide_id
+
+PATCH_SCORES_DIR = "patch_scores"
+
+
+def versions() -> dict[str, str]:
+    found = {}
+    for name in ("hnm-mil", "torch", "timm", "lightning", "torchmetrics", "numpy", "h5py", "jsonargparse"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    found["python"] = platform.python_version()
+    found["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return found
+
+
+def write_json(path: Path, data: dict) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def write_run_metrics(run_dir: Path) -> dict | None:
+    """Slide metrics from the predictions CSVs, by ``mil.evaluation.report`` (absent: warn, return None)."""
+    if importlib.util.find_spec("mil.evaluation.report") is None:
+        warnings.warn("mil.evaluation.report is not installed; metrics.json not written", stacklevel=2)
+        return None
+    from mil.evaluation.report import write_run_metrics as write
+
+    return write(Path(run_dir))
+
+
+class RunOutputs(Callback):
+    """Collects per-slide predictions of validate/test/predict and writes them, plus per-patch scores."""
+
+    STAGE_SPLIT = {"validate": "val", "test": "test"}
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+    @rank_zero_only
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        write_json(Path(trainer.default_root_dir) / "versions.json", versions())
+
+    def _active(self, trainer: Trainer) -> bool:
+        return trainer.state.fn != "fit" and not trainer.sanity_checking
+
+    def _split(self, trainer: Trainer) -> str:
+        if trainer.state.fn == "predict":
+            return getattr(trainer.datamodule, "predict_split", "all")
+        return self.STAGE_SPLIT[str(trainer.state.fn.value)]
+
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.rows = []
+
+    on_test_epoch_start = on_validation_epoch_start
+    on_predict_epoch_start = on_validation_epoch_start
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self._active(trainer):
+            self._collect(trainer, outputs, patches=False)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._collect(trainer, outputs, patches=True)
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._collect(trainer, outputs, patches=True)
+
+    def _collect(self, trainer: Trainer, outputs: dict, patches: bool) -> None:
+        datamodule = trainer.datamodule
+        for row, slide_id in enumerate(outputs["slide_id"]):
+            probs = outputs["probs"][row]
+            record = {"slide_id": slide_id, "label": int(outputs["label"][row]), "score": float(1 - probs[0]),
+                      "split": datamodule.split_of_slide(slide_id) if hasattr(datamodule, "split_of_slide") else ""}
+            if len(probs) > 2:
+                record.update({f"prob_{c}": float(p) for c, p in enumerate(probs)})
+            self.rows.append(record)
+            if patches:
+                self._write_patch_scores(Path(trainer.default_root_dir), outputs, row, slide_id)
+
+    @staticmethod
+    def _write_patch_scores(run_dir: Path, outputs: dict, row: int, slide_id: str) -> None:
+        valid = outputs["mask"][row]
+        path = run_dir / PATCH_SCORES_DIR / f"{safe_slide_id(slide_id)}.h5"
+        with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
+            h5.create_dataset("coords", data=outputs["coords"][row][valid].numpy())
+            h5.create_dataset("scores", data=outputs["instance_scores"][row][valid].numpy())
+            if outputs["attention"] is not None:
+                h5.create_dataset("attention", data=outputs["attention"][row][valid].numpy())
+            h5.attrs["slide_id"] = slide_id
+            h5.attrs["scores"] = "tumour logit per patch (higher = more tumour-like)"
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._active(trainer):
+            self._write_predictions(trainer)
+
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._write_predictions(trainer)
+
+    def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._write_predictions(trainer)
+
+    @rank_zero_only
+    def _write_predictions(self, trainer: Trainer) -> None:
+        run_dir = Path(trainer.default_root_dir)
+        table = pd.DataFrame(self.rows).drop_duplicates("slide_id", keep="last")
+        for name in (f"predictions_{self._split(trainer)}.csv", "predictions.csv"):
+            with atomic_path(run_dir / name) as tmp:
+                table.to_csv(tmp, index=False)

@@ -1,0 +1,76 @@
+"""The patch-wise ranking loss against hand-computed values, and the combined bag objective."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mil.aggregators.base import AggregatorOutput
+from mil.losses import BagLoss, patch_ranking_loss, top_k_mean
+
+
+def test_ranking_one_pair_by_hand():
+    scores = torch.tensor([[3.0, 1.0, 2.0, -5.0], [0.5, 2.5, -1.0, 0.0]])
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    labels = torch.tensor([1, 0])
+    # top-2 means: positive (3 + 2) / 2 = 2.5, negative (2.5 + 0.5) / 2 = 1.5 -> max(0, 1 - 2.5 + 1.5) = 0
+    assert patch_ranking_loss(scores, mask, labels, k=2, margin=1.0).item() == pytest.approx(0.0)
+    # margin 2 -> max(0, 2 - 2.5 + 1.5) = 1
+    assert patch_ranking_loss(scores, mask, labels, k=2, margin=2.0).item() == pytest.approx(1.0)
+
+
+def test_ranking_all_pairs_mean_and_small_bags_and_padding():
+    scores = torch.tensor([
+        [4.0, 0.0, 99.0],   # tumour, 2 valid patches (99 is padding)
+        [1.0, 0.0, 0.0],    # tumour, 1 valid patch
+        [2.0, 1.0, 3.0],    # normal, 3 valid
+    ])
+    mask = torch.tensor([[True, True, False], [True, False, False], [True, True, True]])
+    labels = torch.tensor([1, 2, 0])  # class 2 counts as tumour too
+    k = 10  # larger than every bag: k_eff = n_valid
+    means = top_k_mean(scores, mask, k)
+    torch.testing.assert_close(means, torch.tensor([2.0, 1.0, 2.0]))
+    expected = (max(0, 1 - 2.0 + 2.0) + max(0, 1 - 1.0 + 2.0)) / 2
+    assert patch_ranking_loss(scores, mask, labels, k=k).item() == pytest.approx(expected)
+
+
+def test_ranking_without_pairs_is_zero_with_a_gradient():
+    scores = torch.randn(3, 5, requires_grad=True)
+    loss = patch_ranking_loss(scores, torch.ones(3, 5, dtype=torch.bool), torch.tensor([1, 1, 1]))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert scores.grad is not None and scores.grad.abs().sum() == 0
+
+
+def test_ranking_gradient_pushes_hard_negatives_down():
+    scores = torch.tensor([[0.0, 0.0], [0.5, -3.0]], requires_grad=True)
+    patch_ranking_loss(scores, torch.ones(2, 2, dtype=torch.bool), torch.tensor([1, 0]), k=1).backward()
+    assert scores.grad[1, 0] > 0 and scores.grad[1, 1] == 0 and scores.grad[0].sum() < 0
+
+
+def test_bag_loss_combines_weighted_terms():
+    logits = torch.tensor([[2.0], [-1.0]])
+    scores = torch.tensor([[1.0, 3.0], [0.0, -2.0]])
+    mask = torch.ones(2, 2, dtype=torch.bool)
+    labels = torch.tensor([1, 0])
+    loss = BagLoss(pos_weight=2.0, bag_weight=0.5, max_instance_weight=0.5, ranking_weight=0.1, ranking_k=1)
+    terms = loss(AggregatorOutput(logits, scores), mask, labels)
+    bce = lambda z, y, w: -(w * y * math.log(1 / (1 + math.exp(-z))) + (1 - y) * math.log(1 - 1 / (1 + math.exp(-z))))
+    bag = (bce(2.0, 1, 2.0) + bce(-1.0, 0, 2.0)) / 2
+    top = (bce(3.0, 1, 2.0) + bce(0.0, 0, 2.0)) / 2
+    rank = max(0.0, 1 - 3.0 + 0.0)
+    assert terms["bag"].item() == pytest.approx(bag, rel=1e-5)
+    assert terms["max_instance"].item() == pytest.approx(top, rel=1e-5)
+    assert terms["loss"].item() == pytest.approx(0.5 * bag + 0.5 * top + 0.1 * rank, rel=1e-5)
+
+
+def test_auto_pos_weight_and_multiclass():
+    loss = BagLoss()
+    loss.set_auto_pos_weight(3.0)
+    assert loss.pos_weight.item() == 3.0
+    multi = BagLoss(pos_weight=None)
+    logits = torch.tensor([[2.0, 0.0, -1.0]])
+    terms = multi(AggregatorOutput(logits, torch.zeros(1, 2)), torch.ones(1, 2, dtype=torch.bool), torch.tensor([0]))
+    assert terms["loss"].item() == pytest.approx(torch.nn.functional.cross_entropy(logits, torch.tensor([0])).item())

@@ -1,0 +1,161 @@
+"""Mining on fabricated patch scores: thresholds, ratios, training slides only, fallbacks, quality numbers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+
+from features.errors import InputError
+from features.selection import read_selection
+from mil.mining import cli
+from mil.mining.mine import MiningConfig, read_patch_scores, read_slide_labels, select_patches, training_patch_table
+from mil.mining.pseudo_labels import PositiveSchedule, pseudo_positive_mask, sigmoid
+from mil.mining.quality import selection_quality
+
+
+def logit(p):
+    p = np.asarray(p, dtype=np.float64)
+    return np.log(p / (1 - p))
+
+
+def write_scores(folder: Path, slide_id: str, probs, patch_size_level0: int = 64) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    n = len(probs)
+    coords = np.stack([np.arange(n) * patch_size_level0, np.zeros(n)], axis=1).astype(np.int64)
+    with h5py.File(folder / f"{slide_id}.h5", "w") as h5:
+        h5.create_dataset("coords", data=coords).attrs["patch_size_level0"] = patch_size_level0
+        h5.create_dataset("scores", data=logit(probs).astype(np.float32))
+
+
+def table(rows: list[tuple[str, int, list[float]]], split: str = "train") -> pd.DataFrame:
+    frames = [pd.DataFrame({"slide_id": s, "x": np.arange(len(p)) * 64, "y": 0, "score": logit(p), "label": y,
+                            "split": split}) for s, y, p in rows]
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_sigmoid_converts_logits_and_threshold_is_on_probability():
+    assert sigmoid(np.array([0.0]))[0] == pytest.approx(0.5)
+    assert sigmoid(logit([0.3]))[0] == pytest.approx(0.3)
+    assert np.isfinite(sigmoid(np.array([-1e4, 1e4]))).all()
+
+
+def test_schedule_grows_after_warmup():
+    schedule = PositiveSchedule(start=0.2, end=0.8, warmup_rounds=1, ramp_rounds=3)
+    assert [round(schedule.fraction(r), 3) for r in range(6)] == [0.2, 0.2, 0.4, 0.6, 0.8, 0.8]
+
+
+def test_positive_fraction_of_above_threshold_tumour_patches():
+    slides = np.array(["t"] * 10 + ["n"] * 4)
+    labels = np.array([1] * 10 + [0] * 4)
+    probs = np.array([0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5, 0.31, 0.2, 0.1, 0.99, 0.98, 0.5, 0.1])
+    mask = pseudo_positive_mask(slides, labels, probs, threshold=0.3, fraction=0.5)
+    # 8 tumour-slide patches pass 0.3; half of them (the top 4) are positives; normal slides never are.
+    assert np.flatnonzero(mask).tolist() == [0, 1, 2, 3]
+
+
+def test_no_patch_passes_threshold_falls_back_to_top_patch_per_tumour_slide():
+    slides = np.array(["a", "a", "b", "b", "n"])
+    labels = np.array([1, 1, 1, 1, 0])
+    probs = np.array([0.1, 0.2, 0.05, 0.01, 0.9])
+    with pytest.warns(UserWarning, match="no tumour-slide patch"):
+        mask = pseudo_positive_mask(slides, labels, probs, threshold=0.3, fraction=0.2)
+    assert np.flatnonzero(mask).tolist() == [1, 2]
+
+
+def test_hard_negatives_are_the_top_ratio_of_normal_patches():
+    normal_probs = list(np.linspace(0.01, 0.99, 20))
+    patches = table([("t1", 1, [0.9, 0.8, 0.1]), ("n1", 0, normal_probs[:10]), ("n2", 0, normal_probs[10:])])
+    selection = select_patches(patches, MiningConfig(neg_ratio=0.2), round_index=0)
+    hard = selection[selection["kind"] == "hard_negative"]
+    assert len(hard) == 4  # 20% of 20 normal patches
+    assert sorted(hard["prob"].round(4)) == sorted(np.round(normal_probs[-4:], 4))
+    assert set(hard["pseudo_label"]) == {0} and set(hard["slide_label"]) == {0}
+    positives = selection[selection["kind"] == "positive"]
+    assert positives["slide_id"].tolist() == ["t1"] and (positives["pseudo_label"] == 1).all()
+
+
+def test_random_negatives_are_seeded_and_disjoint_from_hard_ones():
+    patches = table([("t1", 1, [0.9]), ("n1", 0, list(np.linspace(0.01, 0.9, 40)))])
+    config = MiningConfig(neg_ratio=0.1, random_ratio=0.25, seed=3)
+    first, again = select_patches(patches, config), select_patches(patches, config)
+    pd.testing.assert_frame_equal(first, again)
+    plain = first[first["kind"] == "negative"]
+    hard = first[first["kind"] == "hard_negative"]
+    assert len(plain) == 10 and len(hard) == 4
+    assert not set(zip(plain.x, plain.slide_id)) & set(zip(hard.x, hard.slide_id))
+    other_round = select_patches(patches, config, round_index=1)
+    assert set(other_round.loc[other_round.kind == "negative", "x"]) != set(plain["x"])
+
+
+def test_tiny_bags_and_minimum_hard_negatives():
+    patches = table([("t1", 1, [0.6]), ("n1", 0, [0.4])])
+    selection = select_patches(patches, MiningConfig(neg_ratio=0.05))
+    assert selection["kind"].tolist() == ["positive", "hard_negative"]
+    empty = select_patches(patches.iloc[:0], MiningConfig())
+    assert empty.empty
+
+
+def test_non_training_slides_are_refused():
+    with pytest.raises(ValueError, match="non-training"):
+        select_patches(table([("v1", 1, [0.9])], split="val"), MiningConfig())
+
+
+def test_training_table_drops_val_and_test_slides_and_matches_by_id(tmp_path):
+    scores = pd.DataFrame({"slide_id": ["b", "a", "c"], "x": [0, 0, 0], "y": [0, 0, 0], "score": [1.0, 2.0, 3.0]})
+    labels = pd.DataFrame({"slide_id": ["a", "b", "c"], "label": [1, 0, 1], "split": ["train", "train", "val"]})
+    joined = training_patch_table(scores, labels)
+    assert sorted(zip(joined.slide_id, joined.label)) == [("a", 1), ("b", 0)]
+
+
+def test_selection_quality_on_known_categories():
+    patches = table([("t1", 1, [0.9, 0.8, 0.7, 0.2]), ("n1", 0, [0.9, 0.8, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1])])
+    patches["truth"] = ["tumor", "normal", "tumor", "normal"] + ["lookalike", "normal"] + ["normal"] * 7 + ["lookalike"]
+    selection = select_patches(patches, MiningConfig(neg_ratio=0.2, positives=PositiveSchedule(start=1.0, end=1.0)))
+    report = selection_quality(patches, selection)
+    assert report["counts"]["positive"] == 3 and report["counts"]["hard_negative"] == 2
+    assert report["positive_precision"] == pytest.approx(2 / 3)
+    assert report["hard_negative_composition"]["lookalike"] == pytest.approx(0.5)
+    assert report["random_negative_composition"]["lookalike"] == pytest.approx(0.2)
+    assert report["lookalike_enrichment"] == pytest.approx(2.5)
+    assert report["hard_negative_on_tumor_errors"] == 0
+
+
+def test_labels_need_a_split_and_binary_labels(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_text("slide_id,label\na,tumor\n")
+    with pytest.raises(InputError, match="split"):
+        read_slide_labels(path)
+    path.write_text("slide_id,label,fold_0\na,tumor,train\nb,NORMAL,val\nc,odd,test\n")
+    with pytest.raises(InputError, match="odd"):
+        read_slide_labels(path, fold=0)
+    labels = read_slide_labels(path, fold=0, label_map={"odd": 0})
+    assert labels["label"].tolist() == [1, 0, 0] and labels["split"].tolist() == ["train", "val", "test"]
+
+
+def test_mine_command_writes_selection_of_training_slides_only(tmp_path, capsys):
+    scores = tmp_path / "run" / "patch_scores"
+    write_scores(scores, "t1", [0.9, 0.6, 0.2, 0.1])
+    write_scores(scores, "n1", [0.8, 0.3, 0.1, 0.1, 0.05])
+    write_scores(scores, "v1", [0.99, 0.99])
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide_id,label,split\nt1,tumor,train\nn1,normal,train\nv1,tumor,val\n")
+    out = tmp_path / "sel" / "selection.csv"
+    cli.main(["--scores", str(tmp_path / "run"), "--labels", str(labels), "--out", str(out),
+              "--mining.neg_ratio", "0.2", "--mining.positives.start", "1.0"])
+    selection = read_selection(out)
+    assert set(selection["slide_id"]) == {"t1", "n1"}
+    assert selection.groupby("kind").size().to_dict() == {"hard_negative": 1, "positive": 2}
+    assert "positive=2" in capsys.readouterr().out
+    assert len(read_patch_scores(scores)) == 11
+
+
+def test_mine_command_rejects_missing_scores(tmp_path):
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide_id,label,split\nt1,tumor,train\n")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="patch_scores"):
+        cli.main(["--scores", str(tmp_path / "empty"), "--labels", str(labels), "--out", str(tmp_path / "s.csv")])

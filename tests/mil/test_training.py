@@ -1,0 +1,138 @@
+"""Real ``mil fit|test|predict`` runs through the CLI functions on tiny synthetic bags with a planted signal."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from fixtures import synthetic_bags
+from sklearn.metrics import roc_auc_score
+
+from mil.training import cli
+
+CONFIGS = Path(__file__).parents[2] / "configs"
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+         "--trainer.num_sanity_val_steps=0", "--trainer.log_every_n_steps=1", "--data.num_workers=0"]
+TUMOUR_PATCHES = 9  # synthetic_bags plants the signal in the first int(0.3 * 30) rows of tumour slides
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> tuple[Path, Path]:
+    torch.set_num_threads(1)
+    return synthetic_bags(tmp_path_factory.mktemp("bags"), n_slides=16, n_patches=30, dim=8, tumor_fraction=0.3)
+
+
+@pytest.fixture(scope="module")
+def run(cohort, tmp_path_factory) -> Path:
+    folder, labels = cohort
+    root = tmp_path_factory.mktemp("runs") / "abmil"
+    cli.fit(["--config", str(CONFIGS / "demo" / "mil_abmil.yaml"), "--data.features", str(folder),
+             "--data.labels", str(labels), "--trainer.default_root_dir", str(root), "--trainer.max_epochs=6",
+             "--model.lr=5e-3", "--data.batch_size=2", *QUIET])
+    return root
+
+
+def test_fit_writes_run_directory_and_learns(run, cohort):
+    assert (run / "config.yaml").is_file() and (run / "versions.json").is_file()
+    assert json.loads((run / "versions.json").read_text())["torch"].split("+")[0] == torch.__version__.split("+")[0]
+    checkpoints = sorted((run / "checkpoints").glob("*.ckpt"))
+    assert any(p.name.startswith("best-") for p in checkpoints) and (run / "checkpoints" / "last.ckpt").is_file()
+    assert (run / "csv").is_dir() and (run / "wandb").is_dir()
+    summary = json.loads((run / "fit_summary.json").read_text())
+    assert summary["best_val_auc"] >= 0.99, summary
+    labels = pd.read_csv(cohort[1])
+    for split in ("val", "test"):
+        table = pd.read_csv(run / f"predictions_{split}.csv")
+        assert list(table.columns[:4]) == ["slide_id", "label", "score", "split"]
+        assert set(table["slide_id"]) == set(labels.loc[labels["split"] == split, "slide_id"])
+        assert table["split"].eq(split).all() and table["score"].between(0, 1).all()
+    test = pd.read_csv(run / "predictions_test.csv")
+    assert roc_auc_score(test["label"], test["score"]) >= 0.99
+    assert pd.read_csv(run / "predictions.csv").equals(test)
+    assert "class_path: mil.aggregators.ABMIL" in (run / "config.yaml").read_text()
+    logged = pd.read_csv(next(run.glob("csv/version_*/metrics.csv")))
+    losses, train_auc = logged["train_loss"].dropna(), logged["train_auc"].dropna()
+    assert losses.iloc[-1] < losses.iloc[0] and train_auc.iloc[0] < 0.9 <= train_auc.iloc[-1]  # it learned
+
+
+def test_fit_again_skips_a_finished_run(run, cohort, capsys):
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    cli.fit(["--config", str(run / "config.yaml")])
+    assert "already finished" in capsys.readouterr().out
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+
+
+def test_test_and_predict_write_patch_scores_aligned_with_coords(run, cohort):
+    folder, labels = cohort
+    cli.test(["--config", str(run / "config.yaml"), *QUIET])
+    assert (run / "config_test.yaml").is_file()
+    table = pd.read_csv(labels)
+    tumour_gap = []
+    for slide_id, label in table.loc[table["split"] == "test", ["slide_id", "label"]].itertuples(index=False):
+        with h5py.File(run / "patch_scores" / f"{slide_id}.h5") as h5, h5py.File(folder / f"{slide_id}.h5") as src:
+            np.testing.assert_array_equal(h5["coords"][:], src["coords"][:])
+            scores = h5["scores"][:]
+            assert scores.shape == (30,) and h5["attention"].shape == (30,)
+        if label == "tumor":
+            tumour_gap.append(scores[:TUMOUR_PATCHES].mean() - scores[TUMOUR_PATCHES:].mean())
+    assert min(tumour_gap) > 0  # the planted patches are the most tumour-like
+
+    cli.predict(["--config", str(run / "config.yaml"), "--data.predict_split", "train", *QUIET])
+    train = pd.read_csv(run / "predictions_train.csv")
+    assert set(train["slide_id"]) == set(table.loc[table["split"] == "train", "slide_id"])
+    assert all((run / "patch_scores" / f"{s}.h5").is_file() for s in train["slide_id"])
+
+
+def test_ranking_config_runs_with_pair_batches(cohort, tmp_path):
+    folder, labels = cohort
+    root = tmp_path / "ranking"
+    cli.fit(["--config", str(CONFIGS / "mil" / "abmil_ranking.yaml"), "--data.features", str(folder),
+             "--data.labels", str(labels), "--trainer.default_root_dir", str(root), "--trainer.max_epochs=2",
+             "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(root),
+             "--model.aggregator.init_args.hidden_dim=16", "--model.aggregator.init_args.attention_dim=8",
+             "--data.max_patches_train=20", *QUIET])
+    metrics = pd.read_csv(next(root.glob("lightning_logs/version_*/metrics.csv")))
+    assert metrics["train_ranking"].notna().any() and np.isfinite(metrics["train_loss"].dropna()).all()
+    assert (root / "predictions_val.csv").is_file()
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONFIGS / "mil").glob("*.yaml")))
+def test_every_config_parses(name, cohort, capsys):
+    folder, labels = cohort
+    with pytest.raises(SystemExit) as done:
+        cli.fit(["--config", str(CONFIGS / "mil" / f"{name}.yaml"), "--data.features", str(folder),
+                 "--data.labels", str(labels), "--print_config"])
+    assert done.value.code in (0, None)
+    assert "class_path: mil.aggregators." in capsys.readouterr().out
+
+
+def test_multiclass_fit_writes_class_probabilities(cohort, tmp_path):
+    folder, labels = cohort
+    frame = pd.read_csv(labels)
+    frame["label"] = [i % 3 for i in range(len(frame))]
+    frame.to_csv(tmp_path / "labels3.csv", index=False)
+    root = tmp_path / "multi"
+    cli.fit(["--config", str(CONFIGS / "mil" / "mean.yaml"), "--data.features", str(folder),
+             "--data.labels", str(tmp_path / "labels3.csv"), "--trainer.default_root_dir", str(root),
+             "--trainer.max_epochs=1", "--trainer.logger=false", "--model.aggregator.init_args.hidden_dim=8", *QUIET])
+    table = pd.read_csv(root / "predictions_val.csv")
+    probs = table[["prob_0", "prob_1", "prob_2"]].to_numpy()
+    np.testing.assert_allclose(probs.sum(1), 1, rtol=1e-5)
+    np.testing.assert_allclose(table["score"], 1 - probs[:, 0], rtol=1e-5)
+
+
+def test_bad_input_through_the_mil_command_is_one_line(cohort, tmp_path, capsys):
+    from mil.__main__ import main
+
+    folder, _ = cohort
+    bad = tmp_path / "labels.csv"
+    bad.write_text("slide_id,label,split\nslide_000,metastasis,train\n")
+    code = main(["fit", "--config", str(CONFIGS / "mil" / "abmil.yaml"), "--data.features", str(folder),
+                 "--data.labels", str(bad)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and str(bad) in err[-1] and "metastasis" in err[-1]
