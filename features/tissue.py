@@ -17,6 +17,7 @@ from PIL import Image
 from scipy import ndimage
 from skimage import filters, morphology
 
+from features.errors import InputError
 from features.store import atomic_path
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,12 @@ def low_resolution_image(slide: openslide.OpenSlide, mpp_level0: float, mask_mpp
     width, height = slide.dimensions
     scale = max(mask_mpp / mpp_level0, 1.0)
     size = (max(1, round(width / scale)), max(1, round(height / scale)))
-    thumbnail = slide.get_thumbnail(size).convert("RGB")
+    try:
+        thumbnail = slide.get_thumbnail(size).convert("RGB")
+    except openslide.OpenSlideError as error:
+        name = getattr(slide, "_filename", "slide")
+        raise InputError(f"{name}: reading the slide for tissue detection failed ({error}); the file is damaged: "
+                         "re-export it or pass --skip_errors") from None
     return np.asarray(thumbnail), width / thumbnail.width
 
 

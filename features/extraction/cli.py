@@ -79,7 +79,15 @@ def extract(argv: list[str]) -> None:
 
 def extract_shard(opts: ExtractOptions, refs: list, shard: Shard) -> str | None:
     """One process's share of the slides; rank 0 cleans up first, merges manifests last, returns the summary."""
+    previous_threads = torch.get_num_threads()
     torch.set_num_threads(opts.threads or default_threads(shard))
+    try:  # the thread count is process-wide: give it back so callers (the HNM loop, heads) are not slowed down
+        return _extract_shard(opts, refs, shard)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _extract_shard(opts: ExtractOptions, refs: list, shard: Shard) -> str | None:
     torch.manual_seed(opts.encoder.seed)
     if shard.rank == 0:
         remove_stale_temporaries(Path(opts.out))

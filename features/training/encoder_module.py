@@ -30,6 +30,10 @@ class OptimConfig:
     temperature: float = 0.07
     proj_dim: int = 128
     hidden_dim: int = 512
+    # Keep BatchNorm statistics as the extractor saw them: small contrastive batches of a few hundred mined
+    # patches would otherwise overwrite the running statistics, and the re-extracted features would then shift
+    # for every patch, not only where the loss asked for a change.
+    freeze_norm_stats: bool = True
 
 
 def build_encoder_model(spec: EncoderConfig) -> nn.Module:
@@ -61,6 +65,12 @@ class ContrastiveEncoder(L.LightningModule):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(images))
+
+    def on_train_epoch_start(self) -> None:
+        if self.optim.freeze_norm_stats:
+            for layer in self.encoder.modules():
+                if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+                    layer.eval()
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         views, labels = batch

@@ -39,11 +39,16 @@ class ABMIL(Aggregator):
         self.classifier = nn.Linear(hidden_dim, self.n_outputs)
 
     def forward(self, x: Tensor, mask: Tensor) -> AggregatorOutput:
+        return self.attend(x, mask)[0]
+
+    def attend(self, x: Tensor, mask: Tensor) -> tuple[AggregatorOutput, Tensor]:
+        """The output and the embedded patches (B, N, H), which CLAM-SB's instance loss also needs."""
         h = self.embed(x)
         attention = masked_softmax(self.attention(h), mask)
         bag = torch.einsum("bn,bnh->bh", attention, h)
-        return AggregatorOutput(
+        output = AggregatorOutput(
             logits=self.classifier(bag),
             instance_scores=zero_padding(tumour_logit(self.classifier(h)), mask),
             attention=attention,
         )
+        return output, h

@@ -76,3 +76,20 @@ def zero_padding(values: Tensor, mask: Tensor) -> Tensor:
 def _expand(mask: Tensor, like: Tensor) -> Tensor:
     """(B, N) mask broadcast to (B, N, ...) values."""
     return mask.reshape(mask.shape + (1,) * (like.dim() - mask.dim()))
+
+
+class PatchClassifierPooling(Aggregator):
+    """Classify every embedded patch, then pool the patch logits into the bag logit (``pool`` says how)."""
+
+    def __init__(self, in_dim: int, num_classes: int = 2, hidden_dim: int = 128, dropout: float = 0.1):
+        super().__init__(in_dim, num_classes)
+        self.embed = embedder(in_dim, hidden_dim, dropout)
+        self.classifier = nn.Linear(hidden_dim, self.n_outputs)
+
+    def pool(self, patch_logits: Tensor, mask: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, mask: Tensor) -> AggregatorOutput:
+        patch_logits = self.classifier(self.embed(x))  # (B, N, C)
+        return AggregatorOutput(logits=self.pool(patch_logits, mask),
+                                instance_scores=zero_padding(tumour_logit(patch_logits), mask))

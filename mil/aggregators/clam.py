@@ -13,32 +13,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mil.aggregators.abmil import GatedAttention
-from mil.aggregators.base import Aggregator, AggregatorOutput, embedder, masked_softmax, tumour_logit, zero_padding
+from mil.aggregators.abmil import ABMIL
+from mil.aggregators.base import AggregatorOutput
 
 
-class CLAMSB(Aggregator):
+class CLAMSB(ABMIL):
     def __init__(self, in_dim: int, num_classes: int = 2, hidden_dim: int = 128, attention_dim: int = 64,
                  dropout: float = 0.25, k_sample: int = 8, instance_loss_weight: float = 0.3, subtyping: bool = False):
-        super().__init__(in_dim, num_classes)
-        self.embed = embedder(in_dim, hidden_dim, dropout)
-        self.attention = GatedAttention(hidden_dim, attention_dim, dropout)
-        self.classifier = nn.Linear(hidden_dim, self.n_outputs)
+        super().__init__(in_dim, num_classes, hidden_dim, attention_dim, dropout)
         self.instance_classifiers = nn.ModuleList(nn.Linear(hidden_dim, 2) for _ in range(num_classes))
         self.k_sample = k_sample
         self.instance_loss_weight = instance_loss_weight
         self.subtyping = subtyping
 
     def forward(self, x: Tensor, mask: Tensor) -> AggregatorOutput:
-        h = self.embed(x)
-        attention = masked_softmax(self.attention(h), mask)
-        bag = torch.einsum("bn,bnh->bh", attention, h)
-        return AggregatorOutput(
-            logits=self.classifier(bag),
-            instance_scores=zero_padding(tumour_logit(self.classifier(h)), mask),
-            attention=attention,
-            extras={"embeddings": h, "mask": mask},
-        )
+        output, h = self.attend(x, mask)
+        output.extras = {"embeddings": h, "mask": mask}
+        return output
 
     def auxiliary_loss(self, output: AggregatorOutput, labels: Tensor) -> Tensor | None:
         losses = [self._bag_instance_loss(h[m], a[m], int(y)) for h, a, m, y in

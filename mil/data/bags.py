@@ -166,3 +166,26 @@ class PairBatchSampler(Sampler[list[int]]):
         while len(out) < needed:
             out += rng.sample(group, len(group))
         return out[:needed]
+
+
+def feature_statistics(items: list[BagItem], rows_per_bag: int = 256, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension mean and std of the training patches (a seeded sample of each bag, one bag in memory at a time).
+
+    Embeddings from random-init or unfamiliar encoders can be tiny or offset in some dimensions; standardising with
+    statistics of the *training* split alone puts every encoder on one scale without peeking at val/test.
+    """
+    rng = np.random.default_rng(seed)
+    total, total_sq, count = None, None, 0
+    for item in items:
+        features = read_bag(item.path, item.slide_id).features
+        if len(features) > rows_per_bag:
+            features = features[np.sort(rng.choice(len(features), rows_per_bag, replace=False))]
+        values = features.astype(np.float64)
+        total = values.sum(0) if total is None else total + values.sum(0)
+        total_sq = (values**2).sum(0) if total_sq is None else total_sq + (values**2).sum(0)
+        count += len(values)
+    if not count:
+        raise ValueError("no training patches to compute feature statistics from")
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
+    return mean.astype(np.float32), np.maximum(std, 1e-6).astype(np.float32)

@@ -15,12 +15,13 @@ from torch import Tensor
 from torchmetrics.classification import BinaryAUROC, MulticlassAUROC
 
 from mil.aggregators.base import Aggregator, AggregatorOutput
+from mil.data.bags import feature_statistics
 from mil.losses.bag import BagLoss
 
 
 class MILModule(LightningModule):
     def __init__(self, aggregator: Aggregator, loss: BagLoss | None = None, lr: float = 2e-4,
-                 weight_decay: float = 1e-4, scheduler: Literal["cosine", "none"] = "cosine"):
+                 weight_decay: float = 1e-4, scheduler: Literal["cosine", "none"] = "cosine", standardize: bool = True):
         """
         Args:
             aggregator: The slide model (``class_path`` of any ``mil.aggregators`` class).
@@ -28,6 +29,7 @@ class MILModule(LightningModule):
             lr: AdamW learning rate.
             weight_decay: AdamW weight decay.
             scheduler: Cosine decay over ``trainer.max_epochs``, or a constant rate.
+            standardize: Z-score each feature dimension with training-split statistics (kept in the checkpoint).
         """
         super().__init__()
         self.aggregator = aggregator
@@ -36,12 +38,24 @@ class MILModule(LightningModule):
         make_auc = (lambda: BinaryAUROC()) if aggregator.n_outputs == 1 else (
             lambda: MulticlassAUROC(num_classes=aggregator.num_classes))
         self.auc = torch.nn.ModuleDict({f"{stage}_auc": make_auc() for stage in ("train", "val", "test")})
+        self.standardize = standardize
+        # Buffers, so the statistics fitted on the training split travel with every checkpoint.
+        self.register_buffer("feature_mean", torch.zeros(aggregator.in_dim))
+        self.register_buffer("feature_std", torch.ones(aggregator.in_dim))
+        self.register_buffer("statistics_fitted", torch.tensor(False))
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         self.loss.set_auto_pos_weight(getattr(datamodule, "pos_weight", None))
+        if stage == "fit" and self.standardize and not bool(self.statistics_fitted) and hasattr(datamodule, "items"):
+            mean, std = feature_statistics(datamodule.items("train"))
+            self.feature_mean.copy_(torch.from_numpy(mean))
+            self.feature_std.copy_(torch.from_numpy(std))
+            self.statistics_fitted.fill_(True)
 
     def forward(self, features: Tensor, mask: Tensor) -> AggregatorOutput:
+        if self.standardize:
+            features = (features - self.feature_mean) / self.feature_std * mask.unsqueeze(-1)
         return self.aggregator(features, mask)
 
     def probabilities(self, logits: Tensor) -> Tensor:

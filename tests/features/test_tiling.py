@@ -88,3 +88,8 @@ def test_tissue_pngs_are_written(tmp_path: Path) -> None:
     mask = detect_tissue(slide, 0.5)
     png = save_tissue_pngs(slide, mask, tmp_path / "thumbs", "s")
     assert png.is_file() and (tmp_path / "thumbs" / "s_mask.png").is_file()
+
+
+def test_tissue_detection_on_a_damaged_slide_is_a_clear_error() -> None:
+    with pytest.raises(InputError, match="unreadable.svs: reading the slide for tissue detection failed"):
+        detect_tissue(open_slide(REAL_SLIDES / "unreadable.svs"), 0.499)

@@ -205,3 +205,18 @@ def test_clam_splits_import(tmp_path, cohort):
     with pytest.raises(InputError, match="not in the labels CSV"):
         pd.DataFrame({"train": ["nope"], "val": ["slide_000"], "test": ["slide_001"]}).to_csv(tmp_path / "bad.csv")
         clam_splits(read_labels(labels), [tmp_path / "bad.csv"])
+
+
+def test_feature_statistics_come_from_the_given_bags_only(tmp_path) -> None:
+    import numpy as np
+
+    from fixtures import write_bag
+    from mil.data.bags import BagItem, feature_statistics
+
+    rng = np.random.default_rng(0)
+    train = [write_bag(tmp_path / f"t{i}.h5", (rng.normal(size=(50, 3)) * [1, 10, 0] + [5, 0, 2]).astype(np.float32))
+             for i in range(3)]
+    write_bag(tmp_path / "test.h5", np.full((50, 3), 1000.0, np.float32))  # must not leak into the statistics
+    mean, std = feature_statistics([BagItem(p.stem, p, 0) for p in train], rows_per_bag=40)
+    assert np.allclose(mean, [5, 0, 2], atol=[0.5, 3.0, 1e-6]) and np.allclose(std[:2], [1, 10], rtol=0.2)
+    assert std[2] == 1e-6  # a constant dimension is not divided by zero
