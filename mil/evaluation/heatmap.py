@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from features.errors import InputError
 from features.store import atomic_path, find_feature_files
-from mil.evaluation.patch_truth import find_patch_scores, patch_size_level0, read_patch_scores
+from mil.evaluation.patch_truth import patch_size_level0
+from mil.patch_scores import find_patch_scores, read_patch_scores
 
 log = logging.getLogger(__name__)
 

@@ -14,15 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 
 from features.errors import InputError
 from features.store import find_feature_files, read_attrs
 from mil.evaluation.metrics import binary_auc
+from mil.patch_scores import find_patch_scores, read_patch_scores
 
 # What users call a patch score -> the dataset holding it in patch_scores files.
-SCORE_DATASETS = {"instance": "scores", "scores": "scores", "attention": "attention"}
 
 
 @dataclass
@@ -38,38 +37,6 @@ class SlidePatchTruth:
     @property
     def n_tumor(self) -> int:
         return int(self.tumor.sum())
-
-
-def read_patch_scores(path: str | Path, score: str = "instance") -> tuple[np.ndarray, np.ndarray]:
-    """(coords (N, 2) int64, values (N,)) from a ``patch_scores/<slide_id>.h5`` file.
-
-    ``score`` is ``instance`` (the tumor logit, dataset ``scores``) or ``attention``.
-    """
-    if score not in SCORE_DATASETS:
-        raise InputError(f"--score {score!r}: choose instance or attention")
-    score = SCORE_DATASETS[score]
-    try:
-        with h5py.File(path, "r") as h5:
-            if score not in h5:
-                raise InputError(f"{path}: has no {score!r} dataset; this model writes {sorted(h5.keys())}")
-            coords = np.asarray(h5["coords"][:], dtype=np.int64).reshape(-1, 2)
-            values = np.asarray(h5[score][:], dtype=np.float64).reshape(-1)
-    except OSError as error:
-        raise InputError(f"{path}: cannot read patch scores ({error}); rerun `mil test` or `mil predict`")
-    if len(coords) != len(values):
-        raise InputError(f"{path}: {len(coords)} coords but {len(values)} {score}; rerun `mil test`")
-    return coords, values
-
-
-def find_patch_scores(folder: str | Path) -> dict[str, Path]:
-    """slide_id -> patch scores file, from a run directory or its ``patch_scores`` folder."""
-    folder = Path(folder)
-    if (folder / "patch_scores").is_dir():
-        folder = folder / "patch_scores"
-    files = {p.stem: p for p in sorted(folder.glob("*.h5")) if ".tmp-" not in p.name}
-    if not files:
-        raise InputError(f"{folder}: no patch score files (*.h5); run `mil test` or `mil predict` with this run")
-    return files
 
 
 def patch_size_level0(features_file: str | Path) -> int:

@@ -16,11 +16,12 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pandas as pd
 
 from features.errors import InputError
+from mil.patch_scores import find_patch_scores
+from mil.patch_scores import read_patch_scores as read_patch_scores_file
 from mil.mining.pseudo_labels import PositiveSchedule, pseudo_positive_mask, sigmoid
 
 log = logging.getLogger(__name__)
@@ -43,26 +44,13 @@ class MiningConfig:
 
 
 def read_patch_scores(folder: str | Path, slide_ids: set[str] | None = None) -> pd.DataFrame:
-    """``patch_scores/<slide_id>.h5`` files -> one table ``slide_id, x, y, score`` (raw logits)."""
-    folder = Path(folder)
-    if (folder / "patch_scores").is_dir():
-        folder = folder / "patch_scores"
-    files = sorted(p for p in folder.glob("*.h5") if ".tmp-" not in p.name)
-    if not files:
-        raise InputError(f"{folder}: no patch_scores/*.h5; run `mil predict --data.predict_split train` first")
+    """A run's patch-scores files -> one table ``slide_id, x, y, score`` (raw logits)."""
     frames = []
-    for path in files:
-        if slide_ids is not None and path.stem not in slide_ids:
+    for slide_id, path in find_patch_scores(folder).items():
+        if slide_ids is not None and slide_id not in slide_ids:
             continue
-        try:
-            with h5py.File(path, "r") as h5:
-                coords = np.asarray(h5["coords"][:], dtype=np.int64).reshape(-1, 2)
-                scores = np.asarray(h5["scores"][:], dtype=np.float64).reshape(-1)
-        except (OSError, KeyError) as error:
-            raise InputError(f"{path}: not a patch-scores file ({error}); rerun `mil predict`") from None
-        if len(scores) != len(coords):
-            raise InputError(f"{path}: {len(scores)} scores for {len(coords)} coords; rerun `mil predict`")
-        frames.append(pd.DataFrame({"slide_id": path.stem, "x": coords[:, 0], "y": coords[:, 1], "score": scores}))
+        coords, scores = read_patch_scores_file(path)
+        frames.append(pd.DataFrame({"slide_id": slide_id, "x": coords[:, 0], "y": coords[:, 1], "score": scores}))
     if not frames:
         return pd.DataFrame({"slide_id": [], "x": [], "y": [], "score": []})
     return pd.concat(frames, ignore_index=True)

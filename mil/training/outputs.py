@@ -19,15 +19,14 @@ import warnings
 from importlib import metadata
 from pathlib import Path
 
-import h5py
 import pandas as pd
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 
-from features.store import atomic_path, safe_slide_id
+from features.store import atomic_path
+from mil.patch_scores import write_patch_scores
 
-PATCH_SCORES_DIR = "patch_scores"
 
 
 def versions() -> dict[str, str]:
@@ -108,14 +107,10 @@ class RunOutputs(Callback):
     @staticmethod
     def _write_patch_scores(run_dir: Path, outputs: dict, row: int, slide_id: str) -> None:
         valid = outputs["mask"][row]
-        path = run_dir / PATCH_SCORES_DIR / f"{safe_slide_id(slide_id)}.h5"
-        with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
-            h5.create_dataset("coords", data=outputs["coords"][row][valid].numpy())
-            h5.create_dataset("scores", data=outputs["instance_scores"][row][valid].numpy())
-            if outputs["attention"] is not None:
-                h5.create_dataset("attention", data=outputs["attention"][row][valid].numpy())
-            h5.attrs["slide_id"] = slide_id
-            h5.attrs["scores"] = "tumour logit per patch (higher = more tumour-like)"
+        attention = outputs["attention"]
+        write_patch_scores(run_dir, slide_id, outputs["coords"][row][valid].numpy(),
+                           outputs["instance_scores"][row][valid].numpy(),
+                           None if attention is None else attention[row][valid].numpy())
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._active(trainer):
