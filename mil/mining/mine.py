@@ -20,13 +20,12 @@ import numpy as np
 import pandas as pd
 
 from features.errors import InputError
+from mil.data.labels import DEFAULT_LABEL_MAP, read_labels
 from mil.patch_scores import find_patch_scores
 from mil.patch_scores import read_patch_scores as read_patch_scores_file
 from mil.mining.pseudo_labels import PositiveSchedule, pseudo_positive_mask, sigmoid
 
 log = logging.getLogger(__name__)
-
-DEFAULT_LABEL_MAP = {"normal": 0, "negative": 0, "tumor": 1, "tumour": 1, "positive": 1, "0": 0, "1": 1}
 
 
 @dataclass
@@ -57,23 +56,22 @@ def read_patch_scores(folder: str | Path, slide_ids: set[str] | None = None) -> 
 
 
 def read_slide_labels(path: str | Path, fold: int | None = None, label_map: dict[str, int] | None = None) -> pd.DataFrame:
-    """``slide_id, label, split`` from a labels CSV (``split`` column, or ``fold_<k>`` with ``fold=k``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: labels CSV not found")
-    table = pd.read_csv(path, dtype={"slide_id": str, "label": str})
-    split_column = "split" if fold is None else f"fold_{fold}"
-    for column in ("slide_id", "label", split_column):
-        if column not in table.columns:
-            raise InputError(f"{path}: no '{column}' column; mining needs slide_id, label and the split "
-                             "(a 'split' column, or fold_<k> columns with --fold k)")
+    """``slide_id, label, split`` from a labels CSV (``split`` column, or ``fold_<k>`` with ``fold=k``).
+
+    Parsing and checks are the training data's (:func:`mil.data.labels.read_labels`); mining adds that the
+    labels be binary and that the split to mine from is present. ``label_map`` extends the default binary map.
+    """
     mapping = {**DEFAULT_LABEL_MAP, **{str(k).lower(): int(v) for k, v in (label_map or {}).items()}}
-    labels = table["label"].astype(str).str.strip().str.lower().map(mapping)
-    if labels.isna().any():
-        bad = sorted(set(table.loc[labels.isna(), "label"]))[:5]
+    table = read_labels(path, mapping)
+    split_column = "split" if fold is None else f"fold_{fold}"
+    if split_column not in table.columns:
+        raise InputError(f"{path}: no '{split_column}' column; mining needs slide_id, label and the split "
+                         "(a 'split' column, or fold_<k> columns with --fold k)")
+    if not table["label"].isin([0, 1]).all():
+        bad = sorted(set(table.loc[~table["label"].isin([0, 1]), "label"]))[:5]
         raise InputError(f"{path}: labels {bad} are not binary; map them with --label_map")
-    return pd.DataFrame({"slide_id": table["slide_id"].astype(str), "label": labels.astype(int),
-                         "split": table[split_column].astype(str).str.strip().str.lower()})
+    return pd.DataFrame({"slide_id": table["slide_id"].to_numpy(), "label": table["label"].to_numpy(dtype=int),
+                         "split": table[split_column].to_numpy()})
 
 
 def training_patch_table(scores: pd.DataFrame, labels: pd.DataFrame) -> pd.DataFrame:
