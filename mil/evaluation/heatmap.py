@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.special import expit
 from jsonargparse import ActionConfigFile, ArgumentParser
 from matplotlib import colormaps
 from PIL import Image, ImageDraw, ImageFont
@@ -36,7 +37,7 @@ def absolute_values(values: np.ndarray, score: str) -> np.ndarray:
     """Scores on a fixed [0, 1] scale: sigmoid of instance logits, or attention relative to the uniform share."""
     values = np.asarray(values, dtype=np.float64)
     if score in {"instance", "scores"}:
-        return 1.0 / (1.0 + np.exp(-np.clip(values, -60, 60)))
+        return expit(values)
     weights = values
     if len(values) and (values.min() < 0 or abs(values.sum() - 1.0) > 1e-3):  # raw attention logits
         weights = np.exp(values - values.max())

@@ -12,11 +12,12 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.special import expit
 
 
 def sigmoid(logits: np.ndarray) -> np.ndarray:
-    logits = np.asarray(logits, dtype=np.float64)
-    return 0.5 * (1.0 + np.tanh(0.5 * logits))  # overflow-free form of 1 / (1 + exp(-x))
+    """Tumour probability from raw patch logits (scipy's overflow-free logistic)."""
+    return expit(np.asarray(logits, dtype=np.float64))
 
 
 @dataclass
