@@ -242,16 +242,17 @@ def find_feature_files(folder: str | Path) -> dict[str, Path]:
     if features_root.is_dir():
         candidates += sorted(p for p in features_root.iterdir() if p.is_dir())
     candidates += sorted(p for p in folder.glob("features_*") if p.is_dir())
-    found = [c for c in candidates if c.is_dir() and _h5_files(c)]
+    found = [c for c in candidates if c.is_dir() and h5_files(c)]
     if not found:
         raise InputError(f"{folder}: no .h5 feature files here or in h5_files/, features/<tag>/ or features_*/")
     if len(found) > 1 and found[0] != folder:
         names = ", ".join(str(f) for f in found)
         raise InputError(f"{folder}: several feature folders ({names}); pass the one to use")
-    return {p.stem: p for p in _h5_files(found[0])}
+    return {p.stem: p for p in h5_files(found[0])}
 
 
-def _h5_files(folder: Path) -> list[Path]:
+def h5_files(folder: Path) -> list[Path]:
+    """Complete ``.h5`` files of a folder, sorted; temporaries of unfinished writes are never listed."""
     return sorted(p for p in folder.glob("*.h5") if TMP_MARKER not in p.name)
 
 

@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 
 from features.errors import InputError
-from features.store import TMP_MARKER, atomic_path, safe_slide_id
+from features.store import atomic_path, h5_files, safe_slide_id
 
 PATCH_SCORES_DIR = "patch_scores"
 SCORE_DATASETS = {"instance": "scores", "scores": "scores", "attention": "attention"}
@@ -38,7 +38,7 @@ def find_patch_scores(folder: str | Path) -> dict[str, Path]:
     folder = Path(folder)
     if (folder / PATCH_SCORES_DIR).is_dir():
         folder = folder / PATCH_SCORES_DIR
-    files = {p.stem: p for p in sorted(folder.glob("*.h5")) if TMP_MARKER not in p.name}
+    files = {p.stem: p for p in h5_files(folder)}
     if not files:
         raise InputError(f"{folder}: no patch_scores/*.h5 files; run `mil test` or `mil predict` with this run")
     return files

@@ -119,18 +119,18 @@ def polygon_table(coords_dir: str | Path, annotations_dir: str | Path, min_overl
     ``<slide_id>.xml`` (ASAP) or ``.geojson`` (QuPath) per annotated slide. Slides without an annotation file
     are all negative (as in Camelyon16 normal slides).
     """
-    from features.annotations import patch_overlap, read_polygons
-    from features.store import read_coords
+    from features.annotations import find_annotation, patch_overlap, read_polygons
+    from features.store import h5_files, read_coords
 
     coords_dir, annotations_dir = Path(coords_dir), Path(annotations_dir)
-    files = sorted(p for p in coords_dir.glob("*.h5") if ".tmp-" not in p.name)
+    files = h5_files(coords_dir)
     if not files:
         raise InputError(f"{coords_dir}: no coords files; run `features tile` first")
     parts = []
     for path in files:
         coords, attrs = read_coords(path)
-        found = [p for p in (annotations_dir / f"{path.stem}.xml", annotations_dir / f"{path.stem}.geojson") if p.is_file()]
-        overlap = (patch_overlap(read_polygons(found[0]), coords, int(attrs["patch_size_level0"])) if found
+        found = find_annotation(annotations_dir, path.stem)
+        overlap = (patch_overlap(read_polygons(found), coords, int(attrs["patch_size_level0"])) if found
                    else np.zeros(len(coords)))
         keep = (overlap >= min_overlap) | (overlap <= max_negative_overlap)
         parts.append(pd.DataFrame({"image": path.stem, "x": coords[keep, 0], "y": coords[keep, 1],
