@@ -177,10 +177,9 @@ def feature_statistics(items: list[BagItem], rows_per_bag: int = 256, seed: int 
     rng = np.random.default_rng(seed)
     total, total_sq, count = None, None, 0
     for item in items:
-        features = read_bag(item.path, item.slide_id).features
-        if len(features) > rows_per_bag:
-            features = features[np.sort(rng.choice(len(features), rows_per_bag, replace=False))]
-        values = features.astype(np.float64)
+        n = count_patches(item.path)
+        rows = np.sort(rng.choice(n, rows_per_bag, replace=False)) if n > rows_per_bag else None
+        values = read_bag(item.path, item.slide_id, rows=rows).features.astype(np.float64)  # only the sampled rows
         total = values.sum(0) if total is None else total + values.sum(0)
         total_sq = (values**2).sum(0) if total_sq is None else total_sq + (values**2).sum(0)
         count += len(values)
