@@ -46,3 +46,27 @@ def store_embeddings(folder: str | Path, features: np.ndarray, table: pd.DataFra
         write_bag(folder / f"{image}.h5", features[rows], coords=coords, patch_size_level0=64,
                   views=None if views is None else views[:, rows].astype(np.float32))
     return table
+
+
+
+def point_cohort_like(n_images: int = 30, figures: int = 4, imposters: int = 4, random: int = 40, dim: int = 12,
+                      seed: int = 0) -> tuple[np.ndarray, pd.DataFrame]:
+    """Embeddings shaped like a hard point cohort: rare look-alikes among many easy negatives, split by image.
+
+    Dim 0 is "a dark object is there": figures and imposters have it, random patches do not. Dim 1 is granular
+    texture: among dark objects it marks a figure (imposters are smooth), but random tissue is more granular
+    still. Over all negatives, texture therefore looks like a *negative* cue, and a linear head trained on every
+    negative (or on a random share of them) learns it with the wrong sign for the one comparison that matters at
+    a high threshold, figure vs imposter. Imposters are about 9% of the negatives.
+    """
+    rng = np.random.default_rng(seed)
+    splits = np.array(["train"] * (n_images - 2 * (n_images // 5)) + ["val", "test"] * (n_images // 5))
+    centres = {"positive": (3.0, 1.2), "imposter": (3.0, -1.2), "random": (-3.0, 3.0)}
+    features, rows = [], []
+    for image, split in enumerate(rng.permutation(splits)):
+        for source, label, count in (("positive", 1, figures), ("imposter", 0, imposters), ("random", 0, random)):
+            block = rng.normal(size=(count, dim))
+            block[:, :2] += centres[source]
+            features.append(block.astype(np.float32))
+            rows += [(f"img{image:02d}", split, source, label)] * count
+    return np.concatenate(features), pd.DataFrame(rows, columns=["image", "split", "source", "label"])

@@ -86,15 +86,32 @@ def tumor_cells(rng: np.random.Generator, where: np.ndarray, mpp: float) -> Nucl
                      grain=0.18)
 
 
-def lookalike_cells(rng: np.random.Generator, where: np.ndarray, mpp: float) -> tuple[Nuclei, Nuclei]:
-    """Round regular evenly stained nuclei on an even grid, and the pink halos around them."""
+def lookalike_cells(rng: np.random.Generator, where: np.ndarray, mpp: float,
+                    mimicry: float = 0.0) -> tuple[Nuclei, Nuclei]:
+    """Round regular evenly stained nuclei on an even grid, and the pink halos around them.
+
+    ``mimicry`` in [0, 1] moves the superficial cues toward tumor: nuclear colour, size, size spread, elongation,
+    stain intensity and grid irregularity reach tumor's values at 1 and the halos fade out. Outline (smooth vs
+    irregular) and chromatin (even vs vesicular with a nucleolus) never move: they stay the diagnostic cue, so a
+    model can always learn the difference, but a frozen generic encoder finds it harder as ``mimicry`` grows.
+    """
+    m = float(np.clip(mimicry, 0.0, 1.0))
     px = 1.0 / mpp
-    points = jittered_grid(rng, where.shape, spacing=11.0 * px, jitter=0.1)
+    points = jittered_grid(rng, where.shape, spacing=_mix(11.0, 10.5, m) * px, jitter=_mix(0.1, 0.4, m))
     points = points[lookup(where, points) & (rng.uniform(size=len(points)) < 0.95)]
     n = len(points)
-    radius = LOOKALIKE_RADIUS_UM * px * rng.lognormal(0, 0.06, n)
-    nuclei = _ellipses(rng, points, radius, rng.uniform(1.0, 1.08, n), wobble=0.02, rim=0.0, nucleolus=0.0,
-                       opacity=rng.uniform(0.68, 0.78, n), grain=0.04)
-    halos = _ellipses(rng, points, radius * 1.4, np.ones(n), wobble=0.0, rim=0.0, nucleolus=0.0, opacity=0.75,
-                      grain=0.0)
+    radius = _mix(LOOKALIKE_RADIUS_UM, TUMOR_RADIUS_UM, m) * px * rng.lognormal(0, _mix(0.06, 0.22, m), n)
+    nuclei = _ellipses(rng, points, radius, rng.uniform(1.0, _mix(1.08, 2.0, m), n), wobble=0.02, rim=0.0,
+                       nucleolus=0.0, opacity=rng.uniform(_mix(0.68, 0.8, m), _mix(0.78, 0.95, m), n), grain=0.04)
+    halos = _ellipses(rng, points, radius * 1.4, np.ones(n), wobble=0.0, rim=0.0, nucleolus=0.0,
+                      opacity=0.75 * (1.0 - m), grain=0.0)
     return nuclei, halos
+
+
+def lookalike_color(mimicry: float = 0.0) -> np.ndarray:
+    """The look-alike nuclear colour, moved toward tumor's by ``mimicry`` (see :func:`lookalike_cells`)."""
+    return _mix(LOOKALIKE_COLOR, TUMOR_COLOR, float(np.clip(mimicry, 0.0, 1.0))).astype(np.float32)
+
+
+def _mix(start, end, weight: float):
+    return start + (end - start) * weight

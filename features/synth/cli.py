@@ -10,7 +10,7 @@ from typing import Literal, Optional
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from features.synth.cohort import PRESETS, config_from, write_cohort
-from features.synth.points import PointConfig, write_point_cohort
+from features.synth.points import POINT_PRESETS, point_config, write_point_cohort
 
 
 def build_parser() -> ArgumentParser:
@@ -19,9 +19,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--out", type=str, required=True, help="folder to write the cohort into (created)")
     parser.add_argument("--mode", type=Literal["slides", "points"], default="slides",
                         help="slides: WSI cohort with polygons; points: mitosis-like images with a COCO file")
-    parser.add_argument("--preset", type=Literal[tuple(PRESETS)], default="demo",
-                        help="starting sizes: demo (24 slides 3000x2500) or tiny (6 slides 1200x1000); "
-                             "the options below override it")
+    parser.add_argument("--preset", type=Literal[tuple(dict.fromkeys([*PRESETS, *POINT_PRESETS]))], default="demo",
+                        help="starting sizes: slides: demo (24 slides 3000x2500) or tiny (6 slides 1200x1000); "
+                             "points: demo, tiny or hard (every imposter kind); the options below override it")
     parser.add_argument("--seed", type=Optional[int], default=None, help="same seed, same cohort (default 0)")
     parser.add_argument("--n_slides", type=Optional[int], default=None, help="slides (or images in points mode)")
     parser.add_argument("--width", type=Optional[int], default=None, help="level-0 width in px at --mpp")
@@ -34,6 +34,11 @@ def build_parser() -> ArgumentParser:
                         help="min, max tumor share of tissue on a tumor slide (0.02, 0.06)")
     parser.add_argument("--lookalike_area", type=Optional[tuple[float, float]], default=None,
                         help="min, max look-alike share of tissue on every slide (0.015, 0.04)")
+    parser.add_argument("--tumor_lookalike_area", type=Optional[tuple[float, float]], default=None,
+                        help="min, max look-alike share of tissue on tumor slides (default: as --lookalike_area)")
+    parser.add_argument("--lookalike_mimicry", type=Optional[float], default=None,
+                        help="0-1: how far look-alikes take tumor's colour, size and density (0); outline and "
+                             "chromatin stay different")
     parser.add_argument("--coverage", type=Optional[tuple[float, float]], default=None,
                         help="min, max tissue share of the slide (0.3, 0.6)")
     parser.add_argument("--paired_fraction", type=Optional[float], default=None,
@@ -66,10 +71,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _points(out: Path, preset: str, options: dict) -> int:
-    base = PointConfig() if preset == "demo" else PointConfig(n_images=4, width=512, height=512)
-    fields = {"n_images": options.get("n_slides"), "width": options.get("width"), "height": options.get("height"),
-              "mpp": options.get("mpp"), "seed": options.get("seed"), "tile": options.get("tile"),
-              "quality": options.get("quality")}
-    config = PointConfig(**{**base.__dict__, **{k: v for k, v in fields.items() if v is not None}})
+    config = point_config(preset, n_images=options.get("n_slides"), width=options.get("width"),
+                          height=options.get("height"), mpp=options.get("mpp"), seed=options.get("seed"),
+                          tile=options.get("tile"), quality=options.get("quality"))
     write_point_cohort(out, config)
     return config.n_images

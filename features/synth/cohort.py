@@ -42,6 +42,10 @@ class CohortConfig:
     tumor_fraction: float = 0.5  # share of slides labelled tumor
     tumor_area: tuple[float, float] = (0.02, 0.06)  # tumor share of tissue on a tumor slide (min, max)
     lookalike_area: tuple[float, float] = (0.015, 0.04)  # look-alike share of tissue on every slide
+    # Look-alike share on tumor slides (None: as on normal ones). Reactive change is commoner beside tumor, so
+    # more look-alikes on tumor slides make them a slide-level shortcut that attention MIL can learn.
+    tumor_lookalike_area: tuple[float, float] | None = None
+    lookalike_mimicry: float = 0.0  # 0..1: how far look-alikes take tumor's colour, size and density
     coverage: tuple[float, float] = (0.3, 0.6)  # tissue share of the slide
     paired_fraction: float = 0.34  # share of slides that come from a case with two slides
     n_sites: int = 3
@@ -60,7 +64,7 @@ class CohortConfig:
             raise InputError(f"--tumor_fraction {self.tumor_fraction}: must be between 0 and 1 (exclusive)")
         if self.folds and self.folds < 3:
             raise InputError(f"--folds {self.folds}: use 0 (no folds) or at least 3 (test, val and train folds)")
-        for name in ("high_res_fraction", "paired_fraction"):
+        for name in ("high_res_fraction", "paired_fraction", "lookalike_mimicry"):
             if not 0 <= getattr(self, name) <= 1:
                 raise InputError(f"--{name} {getattr(self, name)}: must be between 0 and 1")
         if not 1 <= self.n_sites <= len(SITES):
@@ -70,8 +74,13 @@ class CohortConfig:
         return self
 
 
+# The demo's look-alikes are rare on normal slides, common on tumor slides and halfway to tumor in colour and size:
+# a frozen encoder with attention MIL then learns them as tumor evidence, the error mining exists to fix
+# (docs/synthetic_cohort.md). The class defaults keep look-alikes equally common on both classes.
+DEMO_LOOKALIKES = dict(lookalike_area=(0.005, 0.015), tumor_lookalike_area=(0.04, 0.08), lookalike_mimicry=0.5)
+
 PRESETS: dict[str, CohortConfig] = {
-    "demo": CohortConfig(),
+    "demo": CohortConfig(**DEMO_LOOKALIKES),
     "tiny": CohortConfig(n_slides=6, width=1200, height=1000, high_res_fraction=1 / 3),
 }
 
@@ -139,6 +148,8 @@ def slide_spec(row: pd.Series | dict, config: CohortConfig) -> SlideSpec:
         slide_id=row["slide_id"], tumor=row["label"] == "tumor", width=int(row["width"]), height=int(row["height"]),
         mpp=float(row["mpp"]), seed=int(row["seed"]), site=SITES.index(row["site"]), coverage=config.coverage,
         tumor_area=config.tumor_area, lookalike_area=config.lookalike_area,
+        tumor_lookalike_area=config.tumor_lookalike_area,
+        lookalike_mimicry=config.lookalike_mimicry,
     )
 
 
@@ -198,6 +209,8 @@ def _record_settings(path: Path, config: CohortConfig) -> None:
     settings = json.loads(json.dumps(asdict(config)))  # tuples as lists, as they read back
     if path.is_file():
         previous = json.loads(path.read_text()).get("config")
+        # A setting missing from an older file was not an option then: it had its default value.
+        previous = {**json.loads(json.dumps(asdict(CohortConfig()))), **(previous or {})}
         if previous != settings:
             changed = sorted(k for k in settings if (previous or {}).get(k) != settings[k])
             raise InputError(f"{path}: this folder holds a cohort written with other settings ({', '.join(changed)}); "

@@ -1,15 +1,24 @@
 """Point-annotated images for mitosis-style detection, with a MIDOG++-style COCO file.
 
 Every image is tumor tissue. Mitotic figures are irregular dark clumps of condensed chromatin (a ragged plate or
-a cluster of small blobs) in a clear zone; imposters are equally dark but smooth, round, single bodies in a
-hyper-eosinophilic (pink) rim, as pyknotic/apoptotic cells are. Both are boxed, as in MIDOG++, with a fixed
-physical size (``BOX_UM``) centred on the figure; category 1 is ``mitotic figure``, 2 ``not mitotic figure``.
+a cluster of small blobs) in a clear zone. Imposters ("not mitotic figure") come in kinds (``IMPOSTER_KINDS``),
+each sharing some of a figure's cues and lacking others, as the look-alikes of real slides do:
+
+- ``apoptotic``: one smooth, round, dark body in a hyper-eosinophilic (pink) rim (the only kind by default);
+- ``pyknotic``: one small, very dark, smooth nucleus in a clear halo, so it shares the figure's clear zone;
+- ``karyorrhexis``: a few smooth round nuclear fragments in a pale zone: a cluster of dark blobs, like prophase;
+- ``lymphocytes``: a tight cluster of small dark round nuclei with no zone.
+
+Random patches rarely land on an imposter, so a head trained on every negative sees mostly easy ones; the
+``hard`` preset (``POINT_PRESETS``) mixes all kinds, more of them, to make that matter. Every figure is boxed,
+as in MIDOG++, with a fixed physical size (``BOX_UM``) centred on it; category 1 is ``mitotic figure``,
+2 ``not mitotic figure``.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +37,8 @@ CATEGORIES = [{"id": 1, "name": "mitotic figure"}, {"id": 2, "name": "not mitoti
 MITOSIS_COLOR = np.array([34.0, 18.0, 66.0], dtype=np.float32)
 CLEAR_ZONE_COLOR = np.array([222.0, 205.0, 232.0], dtype=np.float32)
 EOSINOPHILIC_COLOR = np.array([232.0, 120.0, 168.0], dtype=np.float32)
+LYMPHOCYTE_COLOR = np.array([52.0, 30.0, 100.0], dtype=np.float32)
+IMPOSTER_KINDS = ("apoptotic", "pyknotic", "karyorrhexis", "lymphocytes")
 
 
 @dataclass(frozen=True)
@@ -40,11 +51,33 @@ class PointConfig:
     mpp: float = 0.25
     figures: tuple[int, int] = (3, 8)  # mitotic figures per image (min, max)
     imposters: tuple[int, int] = (3, 8)
+    imposter_kinds: tuple[str, ...] = ("apoptotic",)  # drawn uniformly per imposter; see IMPOSTER_KINDS
     unlabeled_fraction: float = 0.25  # images written without annotations (split "unlabeled")
     split: tuple[float, float, float] = (0.6, 0.2, 0.2)
     seed: int = 0
     tile: int = 256
     quality: int = 90
+
+
+POINT_PRESETS: dict[str, PointConfig] = {
+    "demo": PointConfig(),
+    "tiny": PointConfig(n_images=4, width=512, height=512),
+    # Every imposter kind, about twice as many imposters as figures (as in MIDOG++), enough images for a
+    # validation split that can tell regimes apart.
+    "hard": PointConfig(n_images=40, width=768, height=768, figures=(3, 6), imposters=(6, 12),
+                        imposter_kinds=IMPOSTER_KINDS),
+}
+
+
+def point_config(preset: str = "demo", **overrides) -> PointConfig:
+    """A preset with the given fields replaced (None leaves a field as the preset has it)."""
+    if preset not in POINT_PRESETS:
+        raise InputError(f"--preset {preset!r}: unknown in points mode; choose one of {', '.join(POINT_PRESETS)}")
+    config = replace(POINT_PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
+    unknown = set(config.imposter_kinds) - set(IMPOSTER_KINDS)
+    if unknown or not config.imposter_kinds:
+        raise InputError(f"imposter_kinds {sorted(unknown)}: choose from {', '.join(IMPOSTER_KINDS)}")
+    return config
 
 
 @dataclass
@@ -94,6 +127,41 @@ def mitotic_parts(rng: np.random.Generator, centres: np.ndarray, px: float) -> N
     return _blobs(rng, xy.astype(np.float32), rng.uniform(0.8, 1.5, len(xy)) * px, 0.35, 0.97, 0.2)
 
 
+def imposter_kinds(rng: np.random.Generator, kinds: tuple[str, ...], n: int) -> np.ndarray:
+    """The kind of each of ``n`` imposters; one kind draws no random numbers (older cohorts stay identical)."""
+    if len(kinds) == 1:
+        return np.full(n, kinds[0], dtype=object)
+    return np.asarray(kinds, dtype=object)[rng.integers(len(kinds), size=n)]
+
+
+def _clusters(rng: np.random.Generator, centres: np.ndarray, count: tuple[int, int], spread: float) -> np.ndarray:
+    """``count`` (min, max) points around each centre, normally spread by ``spread`` pixels."""
+    parts = [centre + rng.normal(0, spread, size=(int(rng.integers(count[0], count[1] + 1)), 2)) for centre in centres]
+    return (np.concatenate(parts) if parts else np.zeros((0, 2))).astype(np.float32)
+
+
+def paint_other_imposters(image: np.ndarray, rng: np.random.Generator, centres: np.ndarray, kinds: np.ndarray,
+                          px: float) -> None:
+    """Pyknotic nuclei, karyorrhexis and lymphocyte clusters: each shares some cue of a mitotic figure.
+
+    Pyknotic nuclei share the clear zone, karyorrhectic fragments the cluster of dark blobs in a pale zone,
+    lymphocytes the darkness and clustering; none has the ragged, granular chromatin clumps of a figure.
+    """
+    shape = image.shape[:2]
+    pyknotic, fragmented, lymphoid = (centres[kinds == kind] for kind in ("pyknotic", "karyorrhexis", "lymphocytes"))
+    halo_xy = np.concatenate([pyknotic, fragmented])
+    halos = _blobs(rng, halo_xy, rng.uniform(4.5, 6.5, len(halo_xy)) * px, 0.1, 0.75, 0.0)
+    paint(image, stamp(shape, halos, rng), CLEAR_ZONE_COLOR)
+    shrunken = _blobs(rng, pyknotic, rng.uniform(1.8, 2.6, len(pyknotic)) * px, 0.05, 0.97, 0.05)
+    fragment_xy = _clusters(rng, fragmented, (3, 6), 2.0 * px)
+    fragments = _blobs(rng, fragment_xy, rng.uniform(1.0, 1.7, len(fragment_xy)) * px, 0.05, 0.95, 0.05)
+    dark = stamp(shape, shrunken, rng)
+    paint(image, stamp(shape, fragments, rng, canvas=dark), MITOSIS_COLOR)
+    lymph_xy = _clusters(rng, lymphoid, (4, 8), 3.0 * px)
+    lymph = _blobs(rng, lymph_xy, rng.uniform(2.0, 2.8, len(lymph_xy)) * px, 0.02, 0.9, 0.08)
+    paint(image, stamp(shape, lymph, rng), LYMPHOCYTE_COLOR)
+
+
 def render_point_image(rng: np.random.Generator, config: PointConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(H, W, 3) uint8 image, mitosis centres (M, 2) and imposter centres (I, 2) in pixels."""
     shape = (config.height, config.width)
@@ -106,18 +174,22 @@ def render_point_image(rng: np.random.Generator, config: PointConfig) -> tuple[n
     n_imp = int(rng.integers(config.imposters[0], config.imposters[1] + 1))
     centres = _centres(rng, n_fig + n_imp, shape, margin=BOX_UM * px, gap=2 * BOX_UM * px)
     figures, imposters = centres[:n_fig], centres[n_fig:]
+    kinds = imposter_kinds(rng, config.imposter_kinds, len(imposters))
     background = cells.tumor_cells(rng, np.ones(shape, bool), config.mpp)
     near = np.min(np.hypot(*(background.xy[:, None] - centres[None]).transpose(2, 0, 1)), axis=1,
                   initial=np.inf) if len(centres) else np.full(len(background), np.inf)
     background = background.subset(near > 8 * px)  # room for the figure and its zone
     paint(image, stamp(shape, background, rng), cells.TUMOR_COLOR)
     zones = _blobs(rng, figures, np.full(len(figures), 6.5 * px), 0.15, 0.8, 0.0)
-    rims = _blobs(rng, imposters, rng.uniform(5.0, 6.0, len(imposters)) * px, 0.1, 0.85, 0.0)
+    apoptotic = imposters[kinds == "apoptotic"]
+    rims = _blobs(rng, apoptotic, rng.uniform(5.0, 6.0, len(apoptotic)) * px, 0.1, 0.85, 0.0)
     paint(image, stamp(shape, zones, rng), CLEAR_ZONE_COLOR)
     paint(image, stamp(shape, rims, rng), EOSINOPHILIC_COLOR)
-    bodies = _blobs(rng, imposters, rng.uniform(2.6, 3.6, len(imposters)) * px, 0.0, 0.95, 0.05)
+    bodies = _blobs(rng, apoptotic, rng.uniform(2.6, 3.6, len(apoptotic)) * px, 0.0, 0.95, 0.05)
     dark = stamp(shape, mitotic_parts(rng, figures, px), rng)
     paint(image, stamp(shape, bodies, rng, canvas=dark), MITOSIS_COLOR)
+    if (kinds != "apoptotic").any():  # the default set draws nothing here, so its images stay as they were
+        paint_other_imposters(image, rng, imposters, kinds, px)
     image += 2.5 * rng.standard_normal(shape, dtype=np.float32)[..., None]
     return np.clip(image, 0, 255, out=image).astype(np.uint8), figures, imposters
 

@@ -25,6 +25,8 @@ class SlideSpec:
     coverage: tuple[float, float] = (0.3, 0.6)
     tumor_area: tuple[float, float] = (0.02, 0.06)  # fraction of tissue
     lookalike_area: tuple[float, float] = (0.015, 0.04)
+    tumor_lookalike_area: tuple[float, float] | None = None  # on tumor slides; None: as ``lookalike_area``
+    lookalike_mimicry: float = 0.0  # 0: the standard look-alike; 1: tumor's colour, size and density
 
 
 def plan_layout(spec: SlideSpec, rng: np.random.Generator) -> Layout:
@@ -39,7 +41,8 @@ def plan_layout(spec: SlideSpec, rng: np.random.Generator) -> Layout:
         else:
             areas = split_area(rng, area * rng.uniform(*spec.tumor_area), int(rng.integers(1, 5)))
         tumor = place_regions(rng, tissue, areas, avoid=[], wobble=0.3)
-    look_areas = split_area(rng, area * rng.uniform(*spec.lookalike_area), int(rng.integers(1, 4)))
+    share = spec.tumor_lookalike_area if spec.tumor and spec.tumor_lookalike_area else spec.lookalike_area
+    look_areas = split_area(rng, area * rng.uniform(*share), int(rng.integers(1, 4)))
     lookalike = place_regions(rng, tissue, look_areas, avoid=tumor, wobble=0.2)
     return Layout(tissue=tissue, tumor=tumor, lookalike=lookalike)
 
@@ -64,13 +67,14 @@ def render_slide(spec: SlideSpec) -> tuple[np.ndarray, Layout]:
     paint(image, 0.85 * tumorish, cells.CYTOPLASM_COLOR)
 
     normal = regions == NORMAL
-    look_nuclei, halos = cells.lookalike_cells(rng, regions == LOOKALIKE, spec.mpp)
+    look_nuclei, halos = cells.lookalike_cells(rng, regions == LOOKALIKE, spec.mpp,
+                                                   spec.lookalike_mimicry)
     layers = [
         (stamp(shape, halos, rng), cells.HALO_COLOR),
         (stamp(shape, cells.spindles(rng, normal, spec.mpp), rng), cells.SPINDLE_COLOR),
         (stamp(shape, cells.lymphocytes(rng, normal, spec.mpp), rng), cells.LYMPHOCYTE_COLOR),
         (stamp(shape, cells.tumor_cells(rng, regions == TUMOR, spec.mpp), rng), cells.TUMOR_COLOR),
-        (stamp(shape, look_nuclei, rng), cells.LOOKALIKE_COLOR),
+        (stamp(shape, look_nuclei, rng), cells.lookalike_color(spec.lookalike_mimicry)),
     ]
     for opacity, color in layers:
         paint(image, opacity, color)

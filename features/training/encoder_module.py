@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from features.encoders import EncoderConfig, build_transform, create_model
+from features.errors import InputError
 from features.training.contrastive import supcon_loss
 from features.training.weights import load_encoder_weights
 
@@ -50,6 +51,30 @@ def input_size(model: nn.Module, spec: EncoderConfig, patch_size: int) -> tuple[
     return int(described["input_size"][-1]), tuple(described["mean"]), tuple(described["std"])
 
 
+SPREAD_METRIC = "train/embedding_spread"
+COLLAPSED_SPREAD = 1e-3
+
+
+def embedding_spread(features: torch.Tensor) -> torch.Tensor:
+    """Mean distance of a batch's embeddings from their centre, relative to their norm: 0 means collapsed."""
+    features = features.float()
+    spread = (features - features.mean(dim=0)).norm(dim=1).mean()
+    return spread / (features.norm(dim=1).mean() + 1e-12)
+
+
+def check_not_collapsed(trainer: L.Trainer, out: str) -> None:
+    """Refuse to write an encoder that maps every patch to the same embedding (or whose loss went non-finite).
+
+    A collapsed encoder would make every later stage (extraction, MIL, mining) silently meaningless.
+    """
+    metrics = trainer.callback_metrics
+    spread, loss = metrics.get(SPREAD_METRIC), metrics.get("train/loss")
+    if (spread is not None and float(spread) < COLLAPSED_SPREAD) or (loss is not None and not math.isfinite(float(loss))):
+        raise InputError(f"{out}: training collapsed (embedding spread {float(spread or 0):.2g}, loss "
+                         f"{float(loss or 0):.3g}); nothing written. Lower --optim.lr or keep "
+                         "--trainer.gradient_clip_val set, then rerun")
+
+
 class ContrastiveEncoder(L.LightningModule):
     """Encoder + MLP projection head; a batch is ``(views (B, V, C, H, W), labels (B,))``, labels < 0 = SimCLR."""
 
@@ -75,9 +100,11 @@ class ContrastiveEncoder(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         views, labels = batch
         b, v = views.shape[:2]
-        z = self(views.flatten(0, 1)).view(b, v, -1)
+        features = self.encoder(views.flatten(0, 1))
+        z = self.head(features).view(b, v, -1)
         loss = supcon_loss(z, None if bool((labels < 0).all()) else labels, self.optim.temperature)
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
+        self.log(SPREAD_METRIC, embedding_spread(features.detach()), batch_size=b)
         return loss
 
     def configure_optimizers(self) -> dict[str, Any]:
@@ -111,6 +138,9 @@ class TrainerSpec:
     log_every_n_steps: int = 10
     enable_progress_bar: bool = True
     deterministic: bool = False
+    # Clip the gradient norm: a random-init trunk whose BatchNorm statistics are frozen can take a huge first
+    # step at the learning rates the method uses, after which every patch maps to the same embedding.
+    gradient_clip_val: float | None = 1.0
 
 
 def make_trainer(spec: TrainerSpec, root_dir: str, **extra: Any) -> L.Trainer:
@@ -122,6 +152,7 @@ def make_trainer(spec: TrainerSpec, root_dir: str, **extra: Any) -> L.Trainer:
         precision=spec.precision, max_epochs=spec.max_epochs, max_steps=spec.max_steps,
         limit_train_batches=spec.limit_train_batches, log_every_n_steps=spec.log_every_n_steps,
         enable_progress_bar=spec.enable_progress_bar, deterministic=spec.deterministic,
+        gradient_clip_val=spec.gradient_clip_val,
         enable_checkpointing=False, logger=CSVLogger(root_dir, name="logs"), default_root_dir=root_dir,
         enable_model_summary=False, **extra,
     )

@@ -23,7 +23,8 @@ from features.encoders import EncoderConfig
 from features.errors import InputError
 from features.selection import counts_by_kind, read_selection
 from features.training.augment import AugmentConfig
-from features.training.encoder_module import ContrastiveEncoder, OptimConfig, TrainerSpec, make_trainer
+from features.training.encoder_module import (ContrastiveEncoder, OptimConfig, TrainerSpec, check_not_collapsed,
+                                              make_trainer)
 from features.training.patch_data import PHASES, Selected, ViewsDataset, phase_of, phase_order, selection_items, slide_refs
 from features.training.pretrain import parse, run_dir, view_transform
 from features.training.weights import save_encoder_weights
@@ -88,6 +89,7 @@ def finetune(args: FinetuneArgs) -> Path:
     data = PhaseData(selected, ViewsDataset(selected.items, transform, selected.labels), args.phases, args.data)
     trainer = make_trainer(args.trainer, str(run_dir(out)), reload_dataloaders_every_n_epochs=1)
     trainer.fit(module, datamodule=data)
+    check_not_collapsed(trainer, str(out))
     seconds = time.perf_counter() - started
     if trainer.is_global_zero:
         save_encoder_weights(module.encoder, out, {

@@ -24,8 +24,8 @@ from torch.utils.data import DataLoader
 from features.encoders import EncoderConfig
 from features.tiling import TilingConfig
 from features.training.augment import AugmentConfig, MultiView, histology_augment
-from features.training.encoder_module import (ContrastiveEncoder, OptimConfig, TrainerSpec, input_size,
-                                              make_trainer)
+from features.training.encoder_module import (ContrastiveEncoder, OptimConfig, TrainerSpec, check_not_collapsed,
+                                              input_size, make_trainer)
 from features.training.patch_data import ViewsDataset, sample_items, slide_refs
 from features.training.weights import save_encoder_weights
 
@@ -103,6 +103,7 @@ def pretrain(args: PretrainArgs) -> Path:
                         persistent_workers=False)
     trainer = make_trainer(args.trainer, str(run_dir(out)))
     trainer.fit(module, loader)
+    check_not_collapsed(trainer, str(out))
     if trainer.is_global_zero:
         save_encoder_weights(module.encoder, out, {
             "command": "features pretrain", "method": "SimCLR (NT-Xent)", "encoder": args.encoder.name,

@@ -34,6 +34,7 @@ class MineArgs:
     round: int = 0  # mining round: sets the self-paced positive fraction r(round) and the random seed
     annotations: str | None = None  # folder of ASAP XML / GeoJSON; enables selection quality
     coords: str | None = None  # feature store (or coords folder) giving each slide's patch size at level 0
+    features: str | None = None  # the feature folder the scored model read: enables the twin test on positives
     label_map: dict[str, int] = field(default_factory=dict)
     mining: MiningConfig = field(default_factory=MiningConfig)
 
@@ -66,13 +67,15 @@ def mine(args: MineArgs) -> pd.DataFrame:
     if args.annotations:
         sizes = {s: patch_size_level0(args, s) for s in table["slide_id"].unique()}
         table["truth"] = truth_categories(table, args.annotations, sizes)
-    selection = select_patches(table, args.mining, args.round)
+    selection = select_patches(table, args.mining, args.round, args.features)
+    removed = selection.attrs.get("positive_twins_removed")
     write_selection(args.out, selection)
     counts = counts_by_kind(selection)
     print(f"selection: {args.out}  " + "  ".join(f"{kind}={n}" for kind, n in counts.items())
-          + f"  (from {len(table)} patches of {table['slide_id'].nunique()} training slides)")
+          + f"  (from {len(table)} patches of {table['slide_id'].nunique()} training slides"
+          + ("" if removed is None else f"; {removed} positive candidates dropped for a normal-slide twin") + ")")
     if args.annotations:
-        report = selection_quality(table, selection)
+        report = {**selection_quality(table, selection), "positive_twins_removed": removed}
         write_quality(Path(args.out).with_name(QUALITY_NAME), report)
         print(quality_line(report))
     return selection

@@ -209,7 +209,7 @@ def run_round(args: HNMArgs, index: int) -> dict[str, Any]:
     quality = ["--annotations", cohort.annotations] if cohort.annotations else []
     stages.run("mine", lambda: mine([
         "--scores", str(here.mil_train), "--labels", cohort.labels, "--out", str(here.selection), "--round", str(index),
-        "--coords", str(first.store), *quality, *mining, *([] if cohort.fold is None else ["--fold", str(cohort.fold)])]))
+        "--coords", str(first.store), "--features", str(here.features(tag)), *quality, *mining, *([] if cohort.fold is None else ["--fold", str(cohort.fold)])]))
     return summary_row(index, here, stages.seconds)
 
 

@@ -24,6 +24,7 @@ from mil.data.labels import DEFAULT_LABEL_MAP, read_labels
 from mil.patch_scores import find_patch_scores
 from mil.patch_scores import read_patch_scores as read_patch_scores_file
 from mil.mining.pseudo_labels import PositiveSchedule, pseudo_positive_mask, sigmoid
+from mil.mining.twins import TwinFilter, twin_free_mask
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,9 @@ class MiningConfig:
     min_hard_negatives: int = 1  # at least this many, so tiny cohorts still give a hard-negative phase
     max_positives: int | None = None  # caps keep a fine-tuning epoch bounded on huge cohorts
     max_hard_negatives: int | None = None
+    # Candidates with a close twin on a normal slide are not trusted as positives (mil/mining/twins.py); needs
+    # the round's features. ``twins.k = 0`` turns the test off.
+    twins: TwinFilter = field(default_factory=TwinFilter)
     seed: int = 0
 
 
@@ -84,8 +88,13 @@ def training_patch_table(scores: pd.DataFrame, labels: pd.DataFrame) -> pd.DataF
     return table
 
 
-def select_patches(table: pd.DataFrame, config: MiningConfig, round_index: int = 0) -> pd.DataFrame:
-    """The selection (SPEC columns + ``prob``, ``slide_label``) from a training patch table."""
+def select_patches(table: pd.DataFrame, config: MiningConfig, round_index: int = 0,
+                   features: str | Path | None = None) -> pd.DataFrame:
+    """The selection (SPEC columns + ``prob``, ``slide_label``) from a training patch table.
+
+    With ``features`` (the folder the scored model read), positive candidates with a normal-slide twin are
+    dropped first; how many is in ``selection.attrs["positive_twins_removed"]``.
+    """
     if len(table) and set(table["split"]) != {"train"}:
         raise ValueError(f"mining got non-training slides (splits {sorted(set(table['split']))}); only train is allowed")
     table = table.reset_index(drop=True)
@@ -93,7 +102,8 @@ def select_patches(table: pd.DataFrame, config: MiningConfig, round_index: int =
     slide_ids = table["slide_id"].to_numpy()
     labels = table["label"].to_numpy()
     fraction = config.positives.fraction(round_index)
-    positive = pseudo_positive_mask(slide_ids, labels, probs, config.threshold, fraction)
+    eligible, removed = _twin_free(table, probs, config, round_index, features)
+    positive = pseudo_positive_mask(slide_ids, labels, probs, config.threshold, fraction, eligible)
     positive = _cap(positive, probs, config.max_positives)
     normal = np.flatnonzero(labels == 0)
     hard = _top_fraction(normal, probs, config.neg_ratio, config.min_hard_negatives, config.max_hard_negatives)
@@ -114,7 +124,24 @@ def select_patches(table: pd.DataFrame, config: MiningConfig, round_index: int =
     for column in ("truth",):
         if column in chosen.columns:
             selection[column] = chosen[column]
-    return selection.reset_index(drop=True)
+    selection = selection.reset_index(drop=True)
+    selection.attrs["positive_twins_removed"] = removed
+    return selection
+
+
+def _twin_free(table: pd.DataFrame, probs: np.ndarray, config: MiningConfig, round_index: int,
+               features: str | Path | None) -> tuple[np.ndarray | None, int | None]:
+    """Eligibility mask after the twin test, and how many candidates it removed (None: test not run)."""
+    if features is None or config.twins.k <= 0:
+        return None, None
+    candidates = np.flatnonzero((table["label"].to_numpy() == 1) & (probs >= config.threshold))
+    free = twin_free_mask(table, candidates, features, config.twins, seed=config.seed + round_index)
+    if len(candidates) and not free.any():
+        log.warning("every positive candidate has a normal-slide twin; keeping them all (twin test skipped)")
+        return None, 0
+    eligible = np.ones(len(table), dtype=bool)
+    eligible[candidates[~free]] = False
+    return eligible, int((~free).sum())
 
 
 def _top_fraction(rows: np.ndarray, probs: np.ndarray, ratio: float, minimum: int, cap: int | None) -> np.ndarray:

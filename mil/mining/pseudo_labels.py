@@ -39,16 +39,18 @@ class PositiveSchedule:
 
 
 def pseudo_positive_mask(slide_ids: np.ndarray, slide_labels: np.ndarray, probs: np.ndarray, threshold: float,
-                         fraction: float) -> np.ndarray:
+                         fraction: float, eligible: np.ndarray | None = None) -> np.ndarray:
     """Mask of pseudo-positive patches: the top ``fraction`` (by probability) of tumour-slide patches >= threshold.
 
-    Ranking is over the whole training cohort, so a confident slide contributes more than a doubtful one. When
-    no patch passes the threshold (a weak first model), the top patch of each tumour slide is taken instead,
-    with a warning, so the loop never stalls on an empty positive set.
+    Ranking is over the whole training cohort, so a confident slide contributes more than a doubtful one.
+    ``eligible`` (optional mask) excludes patches beforehand (e.g. those with a normal-slide twin). When no patch
+    passes, the top patch of each tumour slide is taken instead, with a warning, so the loop never stalls on an
+    empty positive set.
     """
     slide_ids, probs = np.asarray(slide_ids), np.asarray(probs, dtype=np.float64)
     tumour = np.asarray(slide_labels) == 1
-    candidates = np.flatnonzero(tumour & (probs >= threshold))
+    allowed = np.ones(len(probs), dtype=bool) if eligible is None else np.asarray(eligible, dtype=bool)
+    candidates = np.flatnonzero(tumour & (probs >= threshold) & allowed)
     mask = np.zeros(len(probs), dtype=bool)
     if len(candidates) == 0:
         if tumour.any():

@@ -246,7 +246,7 @@ def test_points_are_embedded_through_extraction_with_views(tmp_path):
     np.testing.assert_allclose(again["score"], predictions["score"], atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["heads_points", "heads_table", "select", "regimes"])
+@pytest.mark.parametrize("name", ["heads_points", "heads_table", "select", "regimes", "regimes_hard"])
 def test_shipped_configs_parse(name):
     from pathlib import Path
 
@@ -255,9 +255,28 @@ def test_shipped_configs_parse(name):
     from features.heads.select import select_parser
 
     path = Path(__file__).parents[2] / "configs" / "heads" / f"{name}.yaml"
-    parser = {"select": select_parser, "regimes": regimes_parser}.get(name, heads_parser)()
+    parser = {"select": select_parser, "regimes": regimes_parser, "regimes_hard": regimes_parser}.get(name, heads_parser)()
     cfg = parser.instantiate_classes(parser.parse_args(["--config", str(path), "--out", "x"]))
     if name == "select":
         assert len(cfg.candidates) == 3 and cfg.candidates[0].name == "resnet18"
     else:
         assert cfg.head.epochs == 30
+    if name.startswith("regimes"):
+        assert cfg.grid.repeats == 3 and cfg.data.sampling.random_per_image == 40
+
+
+def test_hard_point_preset_mixes_imposter_kinds_and_checks_names():
+    from features.synth.points import IMPOSTER_KINDS, imposter_kinds, point_config, render_point_image
+
+    config = point_config("hard", n_images=1, width=384, height=384)
+    assert config.imposter_kinds == IMPOSTER_KINDS and config.mpp == 0.25
+    image, figures, imposters = render_point_image(np.random.default_rng(0), config)
+    assert image.shape == (384, 384, 3) and len(figures) >= 1 and len(imposters) >= 1
+    drawn = imposter_kinds(np.random.default_rng(0), IMPOSTER_KINDS, 400)
+    assert set(drawn) == set(IMPOSTER_KINDS)
+    rng = np.random.default_rng(0)  # one kind draws nothing, so default cohorts render as they always did
+    assert list(imposter_kinds(rng, ("apoptotic",), 3)) == ["apoptotic"] * 3 and rng.uniform() == np.random.default_rng(0).uniform()
+    with pytest.raises(InputError, match="imposter_kinds"):
+        point_config("demo", imposter_kinds=("mitosis",))
+    with pytest.raises(InputError, match="unknown in points mode"):
+        point_config("huge")

@@ -204,3 +204,49 @@ def _ring(image: np.ndarray, x: int, y: int, inner: int, outer: int) -> float:
     ring = (xx * xx + yy * yy >= inner * inner) & (xx * xx + yy * yy <= outer * outer)
     patch = image[y - outer:y + outer + 1, x - outer:x + outer + 1]
     return float((patch[..., 0] - patch[..., 1])[ring[:patch.shape[0], :patch.shape[1]]].mean())
+
+
+def test_demo_lookalikes_are_commoner_on_tumor_slides_and_closer_to_tumor():
+    from features.synth import cells
+    from features.synth.render import SlideSpec, plan_layout
+
+    demo = PRESETS["demo"]
+    shares = {}
+    for tumor in (True, False):
+        spec = SlideSpec("s", tumor=tumor, width=1500, height=1200, mpp=1.0, seed=3, coverage=(0.5, 0.6),
+                         lookalike_area=demo.lookalike_area, tumor_lookalike_area=demo.tumor_lookalike_area)
+        layout = plan_layout(spec, np.random.default_rng(3))
+        shares[tumor] = sum(p.area for p in layout.lookalike) / layout.tissue_area
+    assert shares[True] > 2.5 * shares[False]
+    assert demo.lookalike_area[0] * 0.5 <= shares[False] <= demo.lookalike_area[1]
+
+    # Mimicry moves colour and size to tumor's and fades the halos; the smooth outline and even chromatin stay.
+    where = np.ones((400, 400), dtype=bool)
+    plain, halo = cells.lookalike_cells(np.random.default_rng(0), where, 0.5, mimicry=0.0)
+    mimic, faded = cells.lookalike_cells(np.random.default_rng(0), where, 0.5, mimicry=1.0)
+    np.testing.assert_allclose(cells.lookalike_color(1.0), cells.TUMOR_COLOR)
+    np.testing.assert_allclose(cells.lookalike_color(0.0), cells.LOOKALIKE_COLOR)
+    tumor = cells.tumor_cells(np.random.default_rng(0), where, 0.5)
+    size = lambda n: float(np.mean(np.sqrt(n.a * n.b)))  # noqa: E731
+    assert size(plain) < size(mimic) and abs(size(mimic) - size(tumor)) < 0.15 * size(tumor)
+    assert halo.opacity.min() > 0.5 and faded.opacity.max() == 0
+    assert mimic.rim.max() == 0 and mimic.nucleolus.max() == 0 and tumor.rim.min() > 0
+
+
+def test_cohorts_written_before_an_option_existed_still_resume(tmp_path):
+    config = CohortConfig(n_slides=2, width=400, height=300, high_res_fraction=0.0, seed=2)
+    write_cohort(tmp_path, config, progress=False)
+    settings = json.loads((tmp_path / "synth_config.json").read_text())
+    del settings["config"]["lookalike_mimicry"]  # as an older version wrote it
+    (tmp_path / "synth_config.json").write_text(json.dumps(settings))
+    assert set(write_cohort(tmp_path, config, progress=False).summary["status"]) == {"skipped"}
+    with pytest.raises(InputError, match="lookalike_mimicry"):
+        write_cohort(tmp_path, replace(config, lookalike_mimicry=0.5), progress=False)
+
+
+def test_cli_points_mode_takes_the_hard_preset_and_slides_mode_refuses_it(tmp_path, capsys):
+    synth_main(["--mode", "points", "--preset", "hard", "--n_slides", "2", "--width", "256", "--height", "256",
+                "--out", str(tmp_path / "p")])
+    assert len(pd.read_csv(tmp_path / "p" / "images.csv")) == 2
+    assert features_main(["synth", "--preset", "hard", "--out", str(tmp_path / "s")]) == 2
+    assert "hard" in capsys.readouterr().err

@@ -22,6 +22,7 @@ from features.tiling import TilingConfig, tile_slide
 from features.training import finetune, pretrain
 from features.training.augment import MultiView, histology_augment
 from features.training.contrastive import nt_xent_loss, supcon_loss
+from features.training.encoder_module import embedding_spread
 from features.training.patch_data import Selected, phase_order
 from features.training.weights import save_encoder_weights
 from fixtures import write_tiny_slide
@@ -162,3 +163,18 @@ def test_finetune_rejects_a_selection_from_another_cohort(cohort, tmp_path):
     with pytest.raises(InputError, match="elsewhere"):
         finetune.main(["--slides", str(cohort["slides"]), "--coords", str(cohort["store"]), "--selection", str(other),
                        "--out", str(tmp_path / "x.safetensors"), *FAST])
+
+
+def test_embedding_spread_is_zero_only_for_a_collapsed_batch():
+    assert float(embedding_spread(torch.ones(8, 16))) < 1e-6
+    assert float(embedding_spread(torch.randn(8, 16, generator=torch.Generator().manual_seed(0)))) > 0.5
+
+
+def test_finetune_refuses_to_write_a_collapsed_encoder(cohort, tmp_path):
+    out = tmp_path / "ft.safetensors"
+    with pytest.raises(InputError, match="collapsed"):
+        finetune.main(["--slides", str(cohort["slides"]), "--coords", str(cohort["store"]), "--selection",
+                       str(cohort["selection"]), "--out", str(out), "--data.batch_size", "4",
+                       "--trainer.max_epochs", "2", "--optim.lr", "1e6", "--optim.warmup_fraction", "0",
+                       "--trainer.gradient_clip_val", "null", *FAST])
+    assert not out.exists() and not Path(f"{out}.json").exists()

@@ -159,3 +159,49 @@ def test_mine_command_rejects_missing_scores(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="patch_scores"):
         cli.main(["--scores", str(tmp_path / "empty"), "--labels", str(labels), "--out", str(tmp_path / "s.csv")])
+
+
+def twin_cohort(folder: Path) -> pd.DataFrame:
+    """Tumour (only on tumour slides) and look-alikes (on both, fewer on normal slides) that the model scores alike.
+
+    Writes one features file per slide under ``folder``; returns the training patch table with a ``truth`` column.
+    """
+    from features.store import write_features
+
+    rng = np.random.default_rng(0)
+    centres = {"normal": np.zeros(8), "lookalike": np.r_[10.0, np.zeros(7)], "tumor": np.r_[0.0, 10.0, np.zeros(6)]}
+    frames = []
+    for index in range(12):
+        tumour_slide = index < 6
+        truth = ["tumor"] * (8 if tumour_slide else 0) + ["lookalike"] * (10 if tumour_slide else 3)
+        truth += ["normal"] * (60 - len(truth))
+        probs = [0.9 if t != "normal" and tumour_slide else 0.8 if t == "lookalike" else 0.1 for t in truth]
+        coords = np.stack([np.arange(60) * 64, np.zeros(60)], axis=1).astype(np.int64)
+        vectors = np.stack([centres[t] + rng.normal(size=8) for t in truth]).astype(np.float32)
+        slide_id = f"s{index:02d}"
+        write_features(folder / f"{slide_id}.h5", coords, {"patch_size_level0": 64}, vectors, {})
+        frames.append(pd.DataFrame({"slide_id": slide_id, "x": coords[:, 0], "y": 0, "score": logit(probs),
+                                    "label": int(tumour_slide), "split": "train", "truth": truth}))
+    return pd.concat(frames, ignore_index=True).sample(frac=1.0, random_state=0)  # order must not matter
+
+
+def test_twin_test_drops_positive_candidates_that_have_a_normal_slide_twin(tmp_path):
+    patches = twin_cohort(tmp_path / "features")
+    config = MiningConfig(positives=PositiveSchedule(start=1.0, end=1.0), neg_ratio=0.05)
+    plain = select_patches(patches, config)
+    positives = plain[plain["kind"] == "positive"]
+    assert set(positives["truth"]) == {"tumor", "lookalike"} and plain.attrs["positive_twins_removed"] is None
+    twin_free = select_patches(patches, config, features=tmp_path / "features")
+    positives = twin_free[twin_free["kind"] == "positive"]
+    assert (positives["truth"] == "tumor").mean() >= 0.95 and len(positives) >= 40
+    assert twin_free.attrs["positive_twins_removed"] >= 55
+    # Hard negatives and plain negatives do not depend on the twin test.
+    negatives = [frame.loc[frame["kind"] != "positive"].reset_index(drop=True) for frame in (plain, twin_free)]
+    pd.testing.assert_frame_equal(*negatives)
+
+
+def test_twin_test_needs_features_for_every_scored_patch(tmp_path):
+    patches = twin_cohort(tmp_path / "features")
+    patches.loc[patches.index[0], "x"] = 99_999
+    with pytest.raises(InputError, match="different tilings"):
+        select_patches(patches, MiningConfig(), features=tmp_path / "features")

@@ -1,0 +1,90 @@
+"""Normal-slide twins: a pseudo-positive candidate that looks like a patch of a normal slide is not trusted.
+
+The slide model scores tumour look-alikes high when they are commoner on tumour slides than on normal ones (a
+slide-level shortcut). Its top-scoring tumour-slide patches, the pseudo-positives, are then partly look-alikes,
+and fine-tuning would pull look-alikes and tumour together. Slide labels hold the cure: tumour never occurs on a
+normal slide, so a tumour-slide patch with a close twin among normal-slide patches in feature space is probably
+not tumour, however the model scores it.
+
+The test compares two distances in the round's (standardised) feature space, on equal-sized samples of
+tumour-slide and normal-slide training patches: ``d_normal``, to the nearest normal-slide patch, and
+``d_tumour``, to the ``k``-th nearest tumour-slide patch. A candidate is twin-free when
+``d_normal > ratio * d_tumour``. Tumour has dense company on tumour slides and none on normal slides, so it
+passes; a look-alike has its nearest twin on a normal slide about as close as its ``k``-th on a tumour slide
+whenever it is less than ``k`` times commoner there, so it fails.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.neighbors import NearestNeighbors
+
+from features.errors import InputError
+from features.store import find_feature_files, read_bag
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TwinFilter:
+    """Settings of the twin test (``k = 0`` turns it off)."""
+
+    k: int = 20  # the tumour-slide neighbour rank compared with the nearest normal-slide patch
+    ratio: float = 1.0  # twin-free when d_normal > ratio * d_tumour
+    max_reference: int = 20_000  # patches sampled per class for the reference sets (memory bound)
+
+
+def patch_features(features: str | Path, table: pd.DataFrame, rows: np.ndarray) -> np.ndarray:
+    """Feature vectors of ``table.iloc[rows]`` (slide_id, x, y), joined on coordinates, never on order."""
+    files = find_feature_files(features)
+    out: np.ndarray | None = None
+    picked = table.iloc[rows]
+    for slide_id, group in picked.groupby("slide_id", sort=True):
+        if slide_id not in files:
+            raise InputError(f"{features}: no features for training slide {slide_id}; pass the feature folder "
+                             "the scored model was trained on")
+        bag = read_bag(files[slide_id], slide_id)
+        where = {(int(x), int(y)): i for i, (x, y) in enumerate(bag.coords)}
+        try:
+            index = [where[(int(x), int(y))] for x, y in zip(group["x"], group["y"])]
+        except KeyError as missing:
+            raise InputError(f"{files[slide_id]}: patch at {missing} has a score but no features; the scores and "
+                             "features come from different tilings") from None
+        if out is None:
+            out = np.zeros((len(picked), bag.features.shape[1]), dtype=np.float32)
+        out[picked.index.get_indexer(group.index)] = bag.features[index]
+    return out if out is not None else np.zeros((0, 0), dtype=np.float32)
+
+
+def twin_free_mask(table: pd.DataFrame, candidates: np.ndarray, features: str | Path, config: TwinFilter,
+                   seed: int = 0) -> np.ndarray:
+    """Boolean mask over ``candidates`` (row indices of ``table``): True where no normal-slide twin is near."""
+    labels = table["label"].to_numpy()
+    tumour_rows, normal_rows = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    n = min(len(tumour_rows), len(normal_rows), config.max_reference)
+    if config.k <= 0 or len(candidates) == 0 or n <= config.k:
+        return np.ones(len(candidates), dtype=bool)
+    rng = np.random.default_rng(seed)
+    tumour_ref = np.sort(rng.choice(tumour_rows, size=n, replace=False))
+    normal_ref = np.sort(rng.choice(normal_rows, size=n, replace=False))
+    rows = np.unique(np.concatenate([candidates, tumour_ref, normal_ref]))
+    vectors = patch_features(features, table.reset_index(drop=True), rows)
+    position = {int(r): i for i, r in enumerate(rows)}
+    mean, std = vectors.mean(axis=0), vectors.std(axis=0) + 1e-6
+    scaled = (vectors - mean) / std
+
+    def at(which: np.ndarray) -> np.ndarray:
+        return scaled[[position[int(r)] for r in which]]
+
+    query = at(candidates)
+    d_normal = NearestNeighbors(n_neighbors=1).fit(at(normal_ref)).kneighbors(query)[0][:, 0]
+    tumour_index = NearestNeighbors(n_neighbors=config.k + 1).fit(at(tumour_ref))
+    distances, neighbours = tumour_index.kneighbors(query)
+    is_self = tumour_ref[neighbours] == candidates[:, None]  # a candidate in the reference is not its own company
+    d_tumour = np.array([d[~s][config.k - 1] for d, s in zip(distances, is_self)])
+    return d_normal > config.ratio * d_tumour
