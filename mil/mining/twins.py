@@ -37,6 +37,9 @@ class TwinFilter:
     k: int = 20  # the tumour-slide neighbour rank compared with the nearest normal-slide patch
     ratio: float = 1.0  # twin-free when d_normal > ratio * d_tumour
     max_reference: int = 20_000  # patches sampled per class for the reference sets (memory bound)
+    # Only the highest-scoring candidates are tested (memory and time bound on large cohorts); the rest are not
+    # used as positives. Self-paced ranking takes the top candidates anyway.
+    max_candidates: int = 50_000
 
 
 def patch_features(features: str | Path, table: pd.DataFrame, rows: np.ndarray) -> np.ndarray:
@@ -63,7 +66,16 @@ def patch_features(features: str | Path, table: pd.DataFrame, rows: np.ndarray) 
 
 def twin_free_mask(table: pd.DataFrame, candidates: np.ndarray, features: str | Path, config: TwinFilter,
                    seed: int = 0) -> np.ndarray:
-    """Boolean mask over ``candidates`` (row indices of ``table``): True where no normal-slide twin is near."""
+    """Boolean mask over ``candidates`` (row indices of ``table``): True where no normal-slide twin is near.
+
+    Beyond ``max_candidates`` (by score) candidates are not tested and come back False.
+    """
+    if len(candidates) > config.max_candidates > 0:
+        scores = table["score"].to_numpy()[candidates]
+        tested = np.sort(np.argsort(-scores, kind="stable")[:config.max_candidates])
+        mask = np.zeros(len(candidates), dtype=bool)
+        mask[tested] = twin_free_mask(table, candidates[tested], features, config, seed)
+        return mask
     labels = table["label"].to_numpy()
     tumour_rows, normal_rows = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
     n = min(len(tumour_rows), len(normal_rows), config.max_reference)
@@ -75,8 +87,8 @@ def twin_free_mask(table: pd.DataFrame, candidates: np.ndarray, features: str | 
     rows = np.unique(np.concatenate([candidates, tumour_ref, normal_ref]))
     vectors = patch_features(features, table.reset_index(drop=True), rows)
     position = {int(r): i for i, r in enumerate(rows)}
-    mean, std = vectors.mean(axis=0), vectors.std(axis=0) + 1e-6
-    scaled = (vectors - mean) / std
+    reference = vectors[[position[int(r)] for r in np.concatenate([tumour_ref, normal_ref])]]
+    scaled = (vectors - reference.mean(axis=0)) / (reference.std(axis=0) + 1e-6)  # same scale for any candidates
 
     def at(which: np.ndarray) -> np.ndarray:
         return scaled[[position[int(r)] for r in which]]

@@ -280,3 +280,31 @@ def test_hard_point_preset_mixes_imposter_kinds_and_checks_names():
         point_config("demo", imposter_kinds=("mitosis",))
     with pytest.raises(InputError, match="unknown in points mode"):
         point_config("huge")
+
+
+def write_stripe_folder(root, per_class: int = 12, size: int = 64):
+    """Two classes that differ only in the orientation of 2-px stripes: same colours, same mean, same noise."""
+    rng = np.random.default_rng(1)
+    stripes = (np.arange(size) % 2 * 80.0)[:, None] * np.ones((1, size))
+    for name, pattern in (("horizontal", stripes), ("vertical", stripes.T)):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = 90 + pattern[..., None] + rng.normal(0, 12, size=(size, size, 3))
+            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(root / name / f"{i:02d}.png")
+    return root
+
+
+def test_select_prefers_the_encoder_input_that_resolves_the_cue(tmp_path):
+    """Two working encoders, one fed at full resolution and one at 8 px: the one that can see the stripes wins."""
+    root = write_stripe_folder(tmp_path / "proxy")
+    config = tmp_path / "select.yaml"
+    config.write_text(
+        "candidates:\n"
+        "  - {name: test_resnet, input_size: 8, tag: coarse}\n"
+        "  - {name: test_resnet, input_size: 64, tag: full-resolution}\n"
+        f"proxy: {{images: {root}, folds: 4}}\n"
+    )
+    assert features_main(["select", "--config", str(config), "--out", str(tmp_path / "sel")]) == 0
+    ranked = pd.read_csv(tmp_path / "sel" / "select.csv")
+    assert ranked["tag"].tolist() == ["full-resolution", "coarse"]
+    assert ranked.loc[0, "linear_bacc"] >= 0.9 and ranked.loc[1, "linear_bacc"] <= 0.7

@@ -205,3 +205,14 @@ def test_twin_test_needs_features_for_every_scored_patch(tmp_path):
     patches.loc[patches.index[0], "x"] = 99_999
     with pytest.raises(InputError, match="different tilings"):
         select_patches(patches, MiningConfig(), features=tmp_path / "features")
+
+
+def test_twin_test_caps_the_candidates_it_tests(tmp_path):
+    from mil.mining.twins import TwinFilter, twin_free_mask
+
+    patches = twin_cohort(tmp_path / "features").reset_index(drop=True)
+    candidates = np.flatnonzero(patches["label"].to_numpy() == 1)
+    full = twin_free_mask(patches, candidates, tmp_path / "features", TwinFilter())
+    capped = twin_free_mask(patches, candidates, tmp_path / "features", TwinFilter(max_candidates=50))
+    top = np.argsort(-patches["score"].to_numpy()[candidates], kind="stable")[:50]
+    assert np.array_equal(capped[top], full[top]) and not np.delete(capped, top).any()
