@@ -21,6 +21,7 @@ BENCHMARKS = {
     "extract": "Feature extraction throughput (full pipeline vs reading alone vs encoder alone)",
     "mil": "MIL training throughput and peak memory when streaming bags",
     "finetune": "Encoder fine-tuning on the mined selection vs on all patches",
+    "loop": "One refresh of the mining loop vs round 0, over synthetic cohort seeds",
     "heads": "Patch-level heads on stored embeddings vs end-to-end fine-tuning",
 }
 
