@@ -122,10 +122,23 @@ class RunOutputs(Callback):
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._write_predictions(trainer)
 
-    @rank_zero_only
     def _write_predictions(self, trainer: Trainer) -> None:
+        rows = gather_rows(self.rows)  # collective: every rank calls it; rank 0 writes
+        if not trainer.is_global_zero:
+            return
         run_dir = Path(trainer.default_root_dir)
-        table = pd.DataFrame(self.rows).drop_duplicates("slide_id", keep="last")
+        # A distributed sampler pads the last shard with repeats; a slide counts once.
+        table = pd.DataFrame(rows).drop_duplicates("slide_id", keep="last")
         for name in (f"predictions_{self._split(trainer)}.csv", "predictions.csv"):
             with atomic_path(run_dir / name) as tmp:
                 table.to_csv(tmp, index=False)
+
+
+def gather_rows(rows: list[dict]) -> list[dict]:
+    """Every rank's prediction rows (each rank scored its own shard of slides); the rows as given on one process."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return rows
+    parts: list[list[dict] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, rows)
+    return [row for part in parts for row in (part or [])]

@@ -136,3 +136,26 @@ def test_bad_input_through_the_mil_command_is_one_line(cohort, tmp_path, capsys)
                  "--data.labels", str(bad)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and str(bad) in err[-1] and "metastasis" in err[-1]
+
+
+def test_two_process_test_run_writes_every_slide_once(run, cohort, tmp_path):
+    """``mil test`` under DDP on 2 CPU processes: rank 0's CSV holds both ranks' slides, each once."""
+    import shutil
+    import subprocess
+    import sys
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    root = Path(__file__).parents[2]
+    env = {**__import__("os").environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    result = subprocess.run(
+        [sys.executable, "-m", "mil", "test", "--config", str(copy / "config.yaml"), *QUIET,
+         "--trainer.default_root_dir", str(copy), "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+         "--trainer.strategy", "ddp", "--trainer.logger", "false"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    labels = pd.read_csv(cohort[1])
+    expected = set(labels.loc[labels["split"] == "test", "slide_id"])
+    table = pd.read_csv(copy / "predictions_test.csv")
+    assert len(expected) >= 3 and set(table["slide_id"]) == expected and table["slide_id"].is_unique
+    assert all((copy / "patch_scores" / f"{s}.h5").is_file() for s in expected)
