@@ -46,13 +46,24 @@ def absolute_values(values: np.ndarray, score: str) -> np.ndarray:
     return share / (1.0 + share)
 
 
-def relative_values(values: np.ndarray) -> np.ndarray:
-    """Scores min-max normalised within the slide (0.5 everywhere when they are all equal)."""
+def relative_range(values: np.ndarray, clip_percent: float = 1.0) -> tuple[float, float]:
+    """The per-slide colour range: the 1st to 99th percentile, so a handful of extreme patches cannot squeeze
+    every other patch into one colour."""
+    values = np.asarray(values, dtype=np.float64)
+    if not len(values):
+        return 0.0, 0.0
+    low, high = np.percentile(values, [clip_percent, 100.0 - clip_percent])
+    return float(low), float(high)
+
+
+def relative_values(values: np.ndarray, clip_percent: float = 1.0) -> np.ndarray:
+    """Scores scaled to [0, 1] within the slide over :func:`relative_range` (0.5 everywhere when it is empty)."""
     values = np.asarray(values, dtype=np.float64)
     if not len(values):
         return values
-    span = values.max() - values.min()
-    return (values - values.min()) / span if span > 0 else np.full_like(values, 0.5)
+    low, high = relative_range(values, clip_percent)
+    span = high - low
+    return np.clip((values - low) / span, 0.0, 1.0) if span > 0 else np.full_like(values, 0.5)
 
 
 def paint(values: np.ndarray, coords: np.ndarray, size_level0: int, scale: tuple[float, float],
@@ -127,9 +138,9 @@ def render(thumbnail: Image.Image, level0_size: tuple[int, int], coords: np.ndar
     pixels = np.asarray(thumbnail.convert("RGB"), dtype=np.float64)
     scale = (thumbnail.width / level0_size[0], thumbnail.height / level0_size[1])
     shape = (thumbnail.height, thumbnail.width)
-    low, high = (float(values.min()), float(values.max())) if len(values) else (0.0, 0.0)
+    low, high = relative_range(values)
     absolute = "N*a/(1+N*a)" if score == "attention" else "sigmoid(logit)"
-    panels = [(f"per slide [{low:.3g}, {high:.3g}]", overlay(pixels, paint(relative_values(values), coords,
+    panels = [(f"per slide, p1-p99 [{low:.3g}, {high:.3g}]", overlay(pixels, paint(relative_values(values), coords,
                                                                              size_level0, scale, shape))),
               (f"absolute {absolute}", overlay(pixels, paint(absolute_values(values, score), coords,
                                                              size_level0, scale, shape)))]

@@ -82,7 +82,11 @@ def test_value_scales():
     assert absolute_values(np.array([0.0, 100.0, -100.0]), "instance") == pytest.approx([0.5, 1.0, 0.0])
     uniform = np.full(4, 0.25)
     assert absolute_values(uniform, "attention") == pytest.approx([0.5] * 4)  # exactly the uniform share
-    assert relative_values(np.array([2.0, 4.0, 3.0])) == pytest.approx([0.0, 1.0, 0.5])
+    assert relative_values(np.array([2.0, 4.0, 3.0]), clip_percent=0) == pytest.approx([0.0, 1.0, 0.5])
+    # One extreme patch among 200 no longer squeezes the rest into one colour.
+    spread = np.r_[np.linspace(0.0, 1.0, 199), 1000.0]
+    scaled = relative_values(spread)
+    assert scaled[-1] == 1.0 and scaled[:199].max() - scaled[:199].min() > 0.9
     assert relative_values(np.array([1.0, 1.0])) == pytest.approx([0.5, 0.5])
 
 
