@@ -222,6 +222,17 @@ def read_bag(path: str | Path, slide_id: str | None = None, rows: np.ndarray | N
     )
 
 
+def rows_at(coords: np.ndarray, wanted: np.ndarray, source: str | Path, fix: str) -> np.ndarray:
+    """Row of each ``wanted`` (x, y) in a file's ``coords``: features are joined on position, never on order."""
+    wanted = np.asarray(wanted, dtype=np.int64).reshape(-1, 2)
+    lookup = {(int(x), int(y)): i for i, (x, y) in enumerate(np.asarray(coords).reshape(-1, 2))}
+    found = np.array([lookup.get((int(x), int(y)), -1) for x, y in wanted], dtype=np.int64)
+    if (found < 0).any():
+        x, y = wanted[np.argmax(found < 0)]
+        raise InputError(f"{source}: no patch at x={x}, y={y}; {fix}")
+    return found
+
+
 def count_patches(path: str | Path) -> int:
     with h5py.File(path, "r") as h5:
         dset = h5["features"] if "features" in h5 else h5["coords"]

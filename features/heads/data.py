@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from features.errors import InputError
-from features.store import find_feature_files, read_bag
+from features.store import find_feature_files, read_bag, rows_at
 
 
 @dataclass
@@ -68,12 +68,8 @@ def load_embeddings(features_dir: str | Path, table: pd.DataFrame, with_views: b
         if str(image) not in files:
             raise InputError(f"{features_dir}: no features file for image {image!r}; embed the patch table first")
         bag = read_bag(files[str(image)], with_views=with_views)
-        lookup = {(int(x), int(y)): i for i, (x, y) in enumerate(bag.coords)}
-        wanted = table.loc[rows, ["x", "y"]].to_numpy(np.int64)
-        found = np.array([lookup.get((int(x), int(y)), -1) for x, y in wanted])
-        if (found < 0).any():
-            x, y = wanted[np.argmax(found < 0)]
-            raise InputError(f"{files[str(image)]}: no patch at x={x}, y={y}; re-embed with the same patch table")
+        found = rows_at(bag.coords, table.loc[rows, ["x", "y"]].to_numpy(np.int64), files[str(image)],
+                        "re-embed with the same patch table")
         if features is None:
             features = np.zeros((len(table), bag.features.shape[1]), dtype=np.float32)
             if bag.views is not None:

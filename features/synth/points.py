@@ -37,7 +37,6 @@ CATEGORIES = [{"id": 1, "name": "mitotic figure"}, {"id": 2, "name": "not mitoti
 MITOSIS_COLOR = np.array([34.0, 18.0, 66.0], dtype=np.float32)
 CLEAR_ZONE_COLOR = np.array([222.0, 205.0, 232.0], dtype=np.float32)
 EOSINOPHILIC_COLOR = np.array([232.0, 120.0, 168.0], dtype=np.float32)
-LYMPHOCYTE_COLOR = np.array([52.0, 30.0, 100.0], dtype=np.float32)
 IMPOSTER_KINDS = ("apoptotic", "pyknotic", "karyorrhexis", "lymphocytes")
 
 
@@ -159,7 +158,7 @@ def paint_other_imposters(image: np.ndarray, rng: np.random.Generator, centres: 
     paint(image, stamp(shape, fragments, rng, canvas=dark), MITOSIS_COLOR)
     lymph_xy = _clusters(rng, lymphoid, (4, 8), 3.0 * px)
     lymph = _blobs(rng, lymph_xy, rng.uniform(2.0, 2.8, len(lymph_xy)) * px, 0.02, 0.9, 0.08)
-    paint(image, stamp(shape, lymph, rng), LYMPHOCYTE_COLOR)
+    paint(image, stamp(shape, lymph, rng), cells.LYMPHOCYTE_COLOR)
 
 
 def render_point_image(rng: np.random.Generator, config: PointConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -16,7 +16,6 @@ whenever it is less than ``k`` times commoner there, so it fails.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,9 +24,7 @@ import pandas as pd
 from sklearn.neighbors import NearestNeighbors
 
 from features.errors import InputError
-from features.store import find_feature_files, read_bag
-
-log = logging.getLogger(__name__)
+from features.store import find_feature_files, read_bag, read_coords, rows_at
 
 
 @dataclass
@@ -43,7 +40,10 @@ class TwinFilter:
 
 
 def patch_features(features: str | Path, table: pd.DataFrame, rows: np.ndarray) -> np.ndarray:
-    """Feature vectors of ``table.iloc[rows]`` (slide_id, x, y), joined on coordinates, never on order."""
+    """Feature vectors of ``table.iloc[rows]`` (slide_id, x, y), joined on coordinates, never on order.
+
+    Only the rows asked for are read from each file, so a reference sample of a large cohort stays cheap.
+    """
     files = find_feature_files(features)
     out: np.ndarray | None = None
     picked = table.iloc[rows]
@@ -51,16 +51,14 @@ def patch_features(features: str | Path, table: pd.DataFrame, rows: np.ndarray) 
         if slide_id not in files:
             raise InputError(f"{features}: no features for training slide {slide_id}; pass the feature folder "
                              "the scored model was trained on")
-        bag = read_bag(files[slide_id], slide_id)
-        where = {(int(x), int(y)): i for i, (x, y) in enumerate(bag.coords)}
-        try:
-            index = [where[(int(x), int(y))] for x, y in zip(group["x"], group["y"])]
-        except KeyError as missing:
-            raise InputError(f"{files[slide_id]}: patch at {missing} has a score but no features; the scores and "
-                             "features come from different tilings") from None
+        coords, _ = read_coords(files[slide_id])
+        found = rows_at(coords, group[["x", "y"]].to_numpy(np.int64), files[slide_id],
+                        "the scores and features come from different tilings")
+        unique, inverse = np.unique(found, return_inverse=True)
+        bag = read_bag(files[slide_id], slide_id, rows=unique)
         if out is None:
             out = np.zeros((len(picked), bag.features.shape[1]), dtype=np.float32)
-        out[picked.index.get_indexer(group.index)] = bag.features[index]
+        out[picked.index.get_indexer(group.index)] = bag.features[inverse]
     return out if out is not None else np.zeros((0, 0), dtype=np.float32)
 
 
@@ -84,14 +82,13 @@ def twin_free_mask(table: pd.DataFrame, candidates: np.ndarray, features: str | 
     rng = np.random.default_rng(seed)
     tumour_ref = np.sort(rng.choice(tumour_rows, size=n, replace=False))
     normal_ref = np.sort(rng.choice(normal_rows, size=n, replace=False))
-    rows = np.unique(np.concatenate([candidates, tumour_ref, normal_ref]))
+    rows = np.unique(np.concatenate([candidates, tumour_ref, normal_ref]))  # sorted: rows of ``table``
     vectors = patch_features(features, table.reset_index(drop=True), rows)
-    position = {int(r): i for i, r in enumerate(rows)}
-    reference = vectors[[position[int(r)] for r in np.concatenate([tumour_ref, normal_ref])]]
+    reference = vectors[np.searchsorted(rows, np.concatenate([tumour_ref, normal_ref]))]
     scaled = (vectors - reference.mean(axis=0)) / (reference.std(axis=0) + 1e-6)  # same scale for any candidates
 
     def at(which: np.ndarray) -> np.ndarray:
-        return scaled[[position[int(r)] for r in which]]
+        return scaled[np.searchsorted(rows, which)]
 
     query = at(candidates)
     d_normal = NearestNeighbors(n_neighbors=1).fit(at(normal_ref)).kneighbors(query)[0][:, 0]
