@@ -11,11 +11,14 @@ crash never leaves a half-written one behind. The readers also accept CLAM ``h5_
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import re
+import socket
+import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +26,7 @@ from typing import Any
 
 import h5py
 import numpy as np
+from filelock import FileLock
 
 from features.errors import InputError
 
@@ -31,6 +35,11 @@ FEATURES_DIR = "features"
 MANIFEST_NAME = "manifest.csv"
 MANIFEST_COLUMNS = ("slide_id", "status", "n_patches", "seconds", "error")
 TMP_MARKER = ".tmp-"
+# Temporaries are named ``<final>.tmp-<pid>-<random>-<host>`` so a run can tell its own in-flight files, another
+# live run's and a killed run's apart; another machine's are left alone unless older than STALE_FOREIGN_SECONDS.
+HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+_TMP_NAME = re.compile(re.escape(TMP_MARKER) + r"(\d+)-[0-9a-f]+(?:-([0-9a-f]{8}))?$")
+STALE_FOREIGN_SECONDS = 24 * 3600
 
 # The geometry every coords dataset carries, so a features file alone can place its patches on the slide.
 COORD_ATTRS = (
@@ -71,7 +80,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling of ``path``; rename it onto ``path`` only if the block finishes."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f"{final.name}{TMP_MARKER}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp = final.with_name(f"{final.name}{TMP_MARKER}{os.getpid()}-{uuid.uuid4().hex[:8]}-{HOST}")
     try:
         yield tmp
         os.replace(tmp, final)
@@ -81,13 +90,33 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 def remove_stale_temporaries(folder: str | Path) -> int:
-    """Delete temporaries left by killed runs; returns how many were removed."""
+    """Delete temporaries left by killed runs; returns how many were removed.
+
+    A temporary whose owner process still runs is another run's file in flight (two runs may share a store) and
+    is left alone; so is one from another machine unless it is a day old.
+    """
     removed = 0
     for tmp in Path(folder).rglob(f"*{TMP_MARKER}*"):
-        if tmp.is_file():
-            tmp.unlink()
+        if tmp.is_file() and temporary_is_stale(tmp):
+            tmp.unlink(missing_ok=True)
             removed += 1
     return removed
+
+
+def temporary_is_stale(path: Path) -> bool:
+    """Whether the process that owns a temporary is gone (names without an owner count as stale)."""
+    from features.provenance import pid_alive
+
+    match = _TMP_NAME.search(path.name)
+    if match is None:
+        return True
+    pid, host = int(match.group(1)), match.group(2)
+    if host is not None and host != HOST:
+        try:
+            return time.time() - path.stat().st_mtime > STALE_FOREIGN_SECONDS
+        except FileNotFoundError:
+            return False
+    return pid != os.getpid() and not pid_alive(pid)
 
 
 def _set_attrs(target: h5py.AttributeManager, attrs: Mapping[str, Any]) -> None:
@@ -239,11 +268,12 @@ def count_patches(path: str | Path) -> int:
         return int(dset.shape[1] if dset.ndim == 3 and dset.shape[0] == 1 else dset.shape[0])
 
 
-def find_feature_files(folder: str | Path) -> dict[str, Path]:
+def find_feature_files(folder: str | Path, check: bool = True) -> dict[str, Path]:
     """Map slide_id -> features file for our store, a CLAM results folder or a TRIDENT features folder.
 
     Accepted: a folder of ``*.h5`` files (``<out>/features/<tag>/``, CLAM ``h5_files/``, TRIDENT
-    ``features_<encoder>/``), or a parent holding exactly one of those.
+    ``features_<encoder>/``), or a parent holding exactly one of those. With ``check`` every file's recorded
+    settings must agree (:func:`check_same_settings`).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -259,7 +289,47 @@ def find_feature_files(folder: str | Path) -> dict[str, Path]:
     if len(found) > 1 and found[0] != folder:
         names = ", ".join(str(f) for f in found)
         raise InputError(f"{folder}: several feature folders ({names}); pass the one to use")
-    return {p.stem: p for p in h5_files(found[0])}
+    files = {p.stem: p for p in h5_files(found[0])}
+    if check:
+        check_same_settings(files.values())
+    return files
+
+
+def file_settings(path: Path) -> dict[str, Any]:
+    """The settings a features file records in its attributes (attributes only: no data is read)."""
+    from features.provenance import attrs_settings
+
+    try:
+        with h5py.File(path, "r") as h5:
+            coord_attrs = {k: _plain(v) for k, v in h5["coords"].attrs.items()} if "coords" in h5 else {}
+            feature_attrs = {k: _plain(v) for k, v in h5["features"].attrs.items()} if "features" in h5 else {}
+            if "features" in h5 and "dtype" not in feature_attrs:
+                feature_attrs["dtype"] = str(h5["features"].dtype)
+    except OSError as error:
+        raise InputError(f"{path}: cannot read HDF5 ({error}); delete the file and rerun extraction") from None
+    return attrs_settings(coord_attrs, feature_attrs)
+
+
+def check_same_settings(paths: Iterable[Path]) -> None:
+    """Refuse a feature folder whose files were made with different encoders, checksums, transforms or geometry.
+
+    Bags from two encoders of one dimension would train without a word and mean nothing; CLAM/TRIDENT files
+    without these attributes compare only on what they carry (the stored ``dtype``).
+    """
+    from features.provenance import differences
+
+    first: tuple[Path, dict[str, Any]] | None = None
+    for path in paths:
+        settings = file_settings(path)
+        if first is None:
+            first = (path, settings)
+            continue
+        diffs = differences(first[1], settings)
+        if diffs:
+            shown = "; ".join(f"{key}: {old!r} vs {new!r}" for key, old, new in diffs[:3])
+            raise InputError(f"{path.parent}: files were made with different settings ({shown}: {first[0].name} vs "
+                             f"{path.name}); keep one extraction per folder: rerun `features extract` with one setting "
+                             "into a new --out")
 
 
 def h5_files(folder: Path) -> list[Path]:
@@ -268,29 +338,53 @@ def h5_files(folder: Path) -> list[Path]:
 
 
 class Manifest:
-    """``<out>/manifest.csv``: one row per slide, rewritten atomically after each slide so it survives a kill."""
+    """``<out>/manifest.csv``: one row per slide, rewritten atomically after each slide so it survives a kill.
+
+    Two runs may share a store: each save happens under a file lock and folds in the rows other writers saved
+    since, so no writer drops another's rows; for the slides this object recorded, its own rows win.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.rows: dict[str, dict[str, str]] = {}
+        self.rows: dict[str, dict[str, str]] = self._read()
+        self.mine: set[str] = set()
+
+    def _read(self) -> dict[str, dict[str, str]]:
+        rows: dict[str, dict[str, str]] = {}
         if self.path.is_file():
             with self.path.open(newline="") as handle:
                 for row in csv.DictReader(handle):
-                    self.rows[row["slide_id"]] = {k: row.get(k, "") for k in MANIFEST_COLUMNS}
+                    rows[row["slide_id"]] = {k: row.get(k) or "" for k in MANIFEST_COLUMNS}
+        return rows
+
+    @property
+    def lock_path(self) -> Path:
+        folder = self.path.parent / ".locks"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / f"{self.path.name}.lock"
+
+    def update(self, row: Mapping[str, str]) -> None:
+        """Set one slide's row (saved with the next :meth:`save`)."""
+        slide_id = row["slide_id"]
+        self.rows[slide_id] = {k: row.get(k) or "" for k in MANIFEST_COLUMNS}
+        self.mine.add(slide_id)
 
     def record(self, slide_id: str, status: str, n_patches: int | None = None, seconds: float | None = None,
                error: str = "") -> None:
-        self.rows[slide_id] = {
+        self.update({
             "slide_id": slide_id,
             "status": status,
             "n_patches": "" if n_patches is None else str(int(n_patches)),
             "seconds": "" if seconds is None else f"{seconds:.3f}",
             "error": error.replace("\n", " "),
-        }
+        })
         self.save()
 
     def save(self) -> None:
-        with atomic_path(self.path) as tmp, tmp.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=MANIFEST_COLUMNS)
-            writer.writeheader()
-            writer.writerows(self.rows[k] for k in sorted(self.rows))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.lock_path)):
+            self.rows = {**self.rows, **self._read(), **{k: self.rows[k] for k in self.mine}}
+            with atomic_path(self.path) as tmp, tmp.open("w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=MANIFEST_COLUMNS)
+                writer.writeheader()
+                writer.writerows(self.rows[k] for k in sorted(self.rows))

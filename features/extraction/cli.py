@@ -14,6 +14,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from features.extraction.distributed import Shard, default_threads, launch, manifest_for, merge_manifests
 from features.extraction.extract import ExtractOptions, SlideExtractor, Summary, TileOptions
 from features.extraction.extract import tile as tile_slides
+from features.provenance import prepare_extraction, prepare_tiling
 from features.slides import list_slides
 from features.store import remove_stale_temporaries
 
@@ -60,6 +61,7 @@ def tile(argv: list[str]) -> None:
     """Find tissue and write patch coordinates (``<out>/coords/<slide_id>.h5``) plus inspection PNGs."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     opts = parse(TileOptions, argv, "features tile", tile.__doc__ or "")
+    prepare_tiling(opts)
     remove_stale_temporaries(Path(opts.out))
     start = time.perf_counter()
     counts = tile_slides(opts)
@@ -89,11 +91,13 @@ def extract_shard(opts: ExtractOptions, refs: list, shard: Shard) -> str | None:
 
 def _extract_shard(opts: ExtractOptions, refs: list, shard: Shard) -> str | None:
     torch.manual_seed(opts.encoder.seed)
+    manifest = manifest_for(opts.out, shard)
+    extractor = SlideExtractor(opts, shard.device, manifest, rank=shard.rank)
+    # Every rank compares (so all stop together on a mismatch); rank 0 alone records, before any slide is touched.
+    prepare_extraction(opts, extractor.encoder, write=shard.rank == 0)
     if shard.rank == 0:
         remove_stale_temporaries(Path(opts.out))
     shard.barrier()
-    manifest = manifest_for(opts.out, shard)
-    extractor = SlideExtractor(opts, shard.device, manifest, rank=shard.rank)
     summary = extractor.run(shard.take(refs))
     if shard.world_size > 1:
         summary = gather_summaries(summary, shard)

@@ -77,7 +77,7 @@ def merge_manifests(out: str | Path) -> Manifest:
     for part in parts:
         with part.open(newline="") as handle:
             for row in csv.DictReader(handle):
-                merged.rows[row["slide_id"]] = row
+                merged.update(row)
     if parts:
         merged.save()
         for part in parts:

@@ -22,12 +22,14 @@ import numpy as np
 import openslide
 import pandas as pd
 import torch
+from filelock import FileLock, Timeout
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from features.encoders import Encoder, EncoderConfig, build_encoder
 from features.errors import InputError
 from features.extraction.views import ViewPlan, tta_d4
+from features.provenance import lock_path
 from features.patches import PatchDataset, items_for_slide
 from features.slides import SlideRef, list_slides, open_slide, slide_mpp
 from features.store import (Manifest, coords_path, count_patches, features_path, read_coords,
@@ -340,6 +342,7 @@ class SlideExtractor:
         self.coord_source = CoordSource(opts)
         self.summary = Summary()
         self.dtype = np.dtype(opts.dtype)
+        self.locks: dict[str, FileLock] = {}
 
     @property
     def tag(self) -> str:
@@ -354,12 +357,45 @@ class SlideExtractor:
         for ref in refs:
             if ref not in todo:
                 self._record_existing(ref)
-        with tqdm(total=len(todo), desc=f"slides[{self.rank}]" if self.rank else "slides", unit="slide",
-                  position=0) as bar:
-            for jobs in self._chunks(todo, bar):
-                self._embed_chunk(jobs, bar)
+        busy: list[SlideRef] = []
+        try:
+            with tqdm(total=len(todo), desc=f"slides[{self.rank}]" if self.rank else "slides", unit="slide",
+                      position=0) as bar:
+                for jobs in self._chunks(todo, bar, busy):
+                    self._embed_chunk(jobs, bar)
+                # Slides another live run held: wait for it, then keep its file or do what it left undone.
+                for jobs in self._chunks(busy, bar, None):
+                    self._embed_chunk(jobs, bar)
+        finally:
+            for lock in self.locks.values():
+                lock.release(force=True)
+            self.locks.clear()
         self.summary.seconds = time.perf_counter() - start
         return self.summary
+
+    def _claim(self, ref: SlideRef, busy: list[SlideRef] | None) -> bool:
+        """Lock a slide for this run; False if another live run holds it (noted in ``busy``) or just finished it.
+
+        The lock is an OS file lock, so a killed holder never blocks a later run. ``busy is None`` waits for it.
+        """
+        lock = FileLock(str(lock_path(self.opts.out, self.tag, ref.slide_id)))
+        try:
+            lock.acquire(timeout=-1 if busy is None else 0)
+        except Timeout:
+            assert busy is not None
+            busy.append(ref)
+            return False
+        if self.output(ref).is_file() and (busy is None or not self.opts.overwrite):
+            lock.release()  # finished by another run since this one listed its work
+            self._record_existing(ref)
+            return False
+        self.locks[ref.slide_id] = lock
+        return True
+
+    def _release(self, ref: SlideRef) -> None:
+        lock = self.locks.pop(ref.slide_id, None)
+        if lock is not None:
+            lock.release(force=True)
 
     def _record_existing(self, ref: SlideRef) -> None:
         self.summary.skipped += 1
@@ -367,11 +403,15 @@ class SlideExtractor:
             n = count_patches(self.output(ref))
             self.manifest.record(ref.slide_id, "ok" if n else "empty", n)
 
-    def _chunks(self, refs: Sequence[SlideRef], bar: tqdm) -> Iterator[list[SlideJob]]:
+    def _chunks(self, refs: Sequence[SlideRef], bar: tqdm, busy: list[SlideRef] | None) -> Iterator[list[SlideJob]]:
         """Tile (or load coordinates of) slides until a chunk is full; empty and failing slides finish here."""
         jobs: list[SlideJob] = []
         total = 0
         for ref in refs:
+            if not self._claim(ref, busy):
+                if busy is None or ref not in busy:
+                    bar.update()
+                continue
             started = time.perf_counter()
             try:
                 coords, geometry = self.coord_source.get(ref)
@@ -444,6 +484,7 @@ class SlideExtractor:
                        views=views)
         seconds = time.perf_counter() - job.started
         self.manifest.record(job.ref.slide_id, "ok" if job.n else "empty", job.n, seconds)
+        self._release(job.ref)
         self.summary.done += bool(job.n)
         self.summary.empty += not job.n
         self.summary.patches += job.n
@@ -451,6 +492,7 @@ class SlideExtractor:
 
     def _fail(self, ref: SlideRef, message: str, started: float) -> None:
         self.manifest.record(ref.slide_id, "error", seconds=time.perf_counter() - started, error=message)
+        self._release(ref)
         self.summary.errors += 1
         if not self.opts.skip_errors:
             raise InputError(message)

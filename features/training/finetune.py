@@ -1,7 +1,10 @@
 """``features finetune``: supervised-contrastive fine-tuning of an encoder on a mined patch selection.
 
-    features finetune --slides cohort/slides --coords store/ --selection r0/selection.csv \
-        --encoder.name resnet18 --encoder.weights r0/encoder.safetensors --out r1/encoder.safetensors
+    features finetune --slides cohort/slides --coords store/ --selection r0/selection.csv --out r1/encoder.safetensors
+
+Without ``--encoder.*`` it starts from the encoder recorded in the store given as ``--coords`` (name, weights file
+and its checksum, input size, seed): the one whose features the selection was mined from. An ``--encoder.*``
+that contradicts the store is refused unless ``--encoder.override true``.
 
 Epochs alternate two phases (ItS2CLR / HNM-WSI): a hard-negative phase, one pass over the mined hard negatives
 with pseudo-positives in every batch, and a self-paced positive phase, one pass over the positives with
@@ -12,15 +15,17 @@ from them. Because an epoch walks the hard-negative pool, not the cohort, its co
 from __future__ import annotations
 
 import json
+import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import lightning as L
 from torch.utils.data import DataLoader, Subset
 
-from features.encoders import EncoderConfig
+from features.encoders import EncoderConfig, file_sha256
 from features.errors import InputError
+from features.provenance import recorded_encoder
 from features.selection import counts_by_kind, read_selection
 from features.training.augment import AugmentConfig
 from features.training.encoder_module import (ContrastiveEncoder, OptimConfig, TrainerSpec, check_not_collapsed,
@@ -39,12 +44,24 @@ class SelectionLoading:
 
 
 @dataclass
+class FinetuneEncoder(EncoderConfig):
+    """The encoder to fine-tune; fields not given come from the encoder recorded in ``--coords``.
+
+    Attributes:
+        override: fine-tune exactly the given ``--encoder.*`` (defaults for the rest) even where they contradict
+            the encoder recorded in the store.
+    """
+
+    override: bool = False
+
+
+@dataclass
 class FinetuneArgs:
     slides: str  # slide folder or slides CSV (the cohort mining ran on)
     coords: str  # feature store (or coords folder): the geometry each selected patch was extracted with
     selection: str  # selection CSV from `mil mine`
     out: str  # weights file to write (.safetensors) + .json sidecar
-    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    encoder: FinetuneEncoder = field(default_factory=FinetuneEncoder)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: SelectionLoading = field(default_factory=SelectionLoading)
     phases: list[str] = field(default_factory=lambda: list(PHASES))  # epoch e runs phases[e % len(phases)]
@@ -69,7 +86,97 @@ class PhaseData(L.LightningDataModule):
 
 
 def main(argv: list[str] | None = None) -> None:
-    finetune(parse(FinetuneArgs, argv, "features finetune", __doc__))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse(FinetuneArgs, argv, "features finetune", __doc__)
+    args.encoder = start_encoder(args.coords, args.encoder, given_encoder_fields(argv))
+    finetune(args)
+
+
+ENCODER_FIELDS = tuple(f.name for f in fields(FinetuneEncoder))
+
+
+def given_encoder_fields(argv: list[str]) -> set[str]:
+    """Which ``--encoder.*`` fields the user set, on the command line or in a ``--config`` file."""
+    import yaml
+
+    given: set[str] = set()
+    for index, token in enumerate(argv):
+        name = token.split("=", 1)[0]
+        if name.startswith("--encoder."):
+            given.add(name.removeprefix("--encoder."))
+        elif name == "--encoder":
+            given |= set(ENCODER_FIELDS)
+        elif name == "--config":
+            path = token.split("=", 1)[1] if "=" in token else (argv[index + 1] if index + 1 < len(argv) else "")
+            try:
+                config = yaml.safe_load(open(path)) if path else None
+            except (OSError, yaml.YAMLError):
+                continue  # the parser has already reported a bad config file
+            if isinstance(config, dict):
+                section = config.get("encoder")
+                given |= set(section) if isinstance(section, dict) else (set(ENCODER_FIELDS) if section else set())
+                given |= {k.removeprefix("encoder.") for k in config if str(k).startswith("encoder.")}
+    return given & set(ENCODER_FIELDS)
+
+
+def start_encoder(store: str, given: FinetuneEncoder, fields_given: set[str]) -> FinetuneEncoder:
+    """The encoder fine-tuning starts from: the store's, with given fields that agree with it (or ``override``)."""
+    found = recorded_encoder(store)
+    if found is None:
+        if not fields_given - {"override"}:
+            raise InputError(f"{store}: holds no features, so it records no encoder to start from; pass --coords the "
+                             "store `features extract` wrote, or --encoder.name [--encoder.weights FILE]")
+        return given
+    if given.override:
+        return given  # exactly the encoder asked for (defaults for fields not given), whatever the store used
+    recorded, folder = found
+    start = replace(given, name=recorded["name"], weights=recorded["weights"], pretrained=recorded["pretrained"],
+                    input_size=recorded["input_size"], model_kwargs=dict(recorded["model_kwargs"]),
+                    seed=recorded["seed"])
+    start = replace(start, **{name: getattr(given, name) for name in fields_given})
+    clashes = contradictions(recorded, start, fields_given)
+    if clashes:
+        raise InputError(f"{folder}: its features were made with another encoder than --encoder.* asks for "
+                         f"({'; '.join(clashes)}); drop those --encoder options to start from the store's encoder, or "
+                         "pass --encoder.override true to fine-tune the one given")
+    if start.weights and "weights" not in fields_given:
+        check_recorded_weights(folder, start.weights, recorded["weights_sha256"])
+    return start
+
+
+def contradictions(recorded: dict, start: FinetuneEncoder, fields_given: set[str]) -> list[str]:
+    """Given encoder fields that disagree with the store, as ``--encoder.X given (store: Y)``."""
+    clashes = []
+    if "name" in fields_given and start.name != recorded["name"]:
+        clashes.append(f"--encoder.name {start.name} (store: {recorded['name']})")
+    if fields_given & {"weights", "pretrained"}:
+        sha = (file_sha256(start.weights) if start.weights
+               else start.name if start.pretrained or start.name.startswith("hf-hub:") else "")
+        if sha != recorded["weights_sha256"]:
+            clashes.append(f"--encoder.weights {start.weights or 'none'} sha256 {sha[:12] or 'none'} "
+                           f"(store: {recorded['weights'] or 'none'} sha256 {recorded['weights_sha256'][:12] or 'none'})")
+    if "seed" in fields_given and not start.weights and not start.pretrained and start.seed != recorded["seed"]:
+        clashes.append(f"--encoder.seed {start.seed} (store: {recorded['seed']})")
+    if "input_size" in fields_given and start.input_size is not None and recorded["resolved_input_size"] is not None \
+            and start.input_size != recorded["resolved_input_size"]:
+        clashes.append(f"--encoder.input_size {start.input_size} (store: {recorded['resolved_input_size']})")
+    if "model_kwargs" in fields_given and dict(start.model_kwargs) != dict(recorded["model_kwargs"]):
+        clashes.append(f"--encoder.model_kwargs {json.dumps(start.model_kwargs, sort_keys=True)} "
+                       f"(store: {json.dumps(recorded['model_kwargs'], sort_keys=True)})")
+    return clashes
+
+
+def check_recorded_weights(folder: Path, weights: str, sha256: str) -> None:
+    """The store's weights file must still be there, unchanged, to start from it."""
+    path = Path(weights)
+    if not path.is_file():
+        raise InputError(f"{folder}: its encoder weights {path} are missing; put the file back, or pass "
+                         f"--encoder.weights FILE with the same weights (sha256 {sha256[:12]}...)")
+    actual = file_sha256(path)
+    if sha256 and actual != sha256:
+        raise InputError(f"{path}: changed since {folder} was extracted (sha256 {actual[:12]}..., recorded "
+                         f"{sha256[:12]}...); pass --encoder.weights FILE with the original weights, or "
+                         "--encoder.override true with --encoder.weights to start from another file")
 
 
 def finetune(args: FinetuneArgs) -> Path:
@@ -94,7 +201,8 @@ def finetune(args: FinetuneArgs) -> Path:
     if trainer.is_global_zero:
         save_encoder_weights(module.encoder, out, {
             "command": "features finetune", "method": "SupCon on pseudo-labels, hard-negative / positive phases",
-            "encoder": args.encoder.name, "started_from": args.encoder.weights or f"random init seed {args.encoder.seed}",
+            "encoder": args.encoder.name, "coords": str(args.coords),
+            "started_from": args.encoder.weights or f"random init seed {args.encoder.seed}",
             "selection": str(args.selection), "selection_counts": counts_by_kind(selection), "image_size": size,
             "steps": int(trainer.global_step), "epochs": int(trainer.current_epoch), "seconds": round(seconds, 2),
             "settings": json.loads(json.dumps(asdict(args), default=str)),

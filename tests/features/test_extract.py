@@ -40,7 +40,8 @@ def cohort(tmp_path_factory):
 
 def test_layout_attrs_and_manifest(cohort):
     root, out = cohort
-    assert sorted(p.name for p in (out / "features" / TAG).iterdir()) == ["blank.h5", "half.h5", "quarter.h5"]
+    assert sorted(p.name for p in (out / "features" / TAG).iterdir()) == ["blank.h5", "half.h5", "quarter.h5",
+                                                                          "settings.json"]
     assert (out / "coords" / "half.h5").is_file() and (out / "thumbnails" / "half_tissue.png").is_file()
     bag = read_bag(out / "features" / TAG / "half.h5")
     assert set(COORD_ATTRS) <= set(bag.coord_attrs) and set(FEATURE_ATTRS) <= set(bag.feature_attrs)
@@ -99,7 +100,7 @@ def test_tile_writes_coords_only_and_extract_reuses_them(tmp_path):
     assert len(coords) and attrs["patch_size"] == 64
     with h5py.File(tmp_path / "out" / "coords" / "a.h5") as h5:
         assert "features" not in h5
-    with pytest.raises(InputError, match="pass --overwrite"):  # stored coords of another geometry are not mixed in
+    with pytest.raises(InputError, match="--patch_size 96 .stored: 64.*--overwrite true"):  # never mixed in
         extract(["--slides", str(tmp_path / "slides"), "--out", str(tmp_path / "out"), *FAST, "--patch_size", "96"])
     extract(["--slides", str(tmp_path / "slides"), "--out", str(tmp_path / "out"), *FAST])
     np.testing.assert_array_equal(read_bag(tmp_path / "out" / "features" / TAG / "a.h5").coords, coords)

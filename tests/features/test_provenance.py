@@ -1,0 +1,247 @@
+"""Provenance of the feature store: reruns with other settings are refused, mixed folders are refused, two runs
+can share a store. Real slides through OpenSlide, real HDF5, real `features extract` processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from filelock import FileLock
+
+from features.__main__ import main as features_main
+from features.errors import InputError
+from features.extraction.cli import extract, tile
+from features.provenance import lock_path
+from features.store import (TMP_MARKER, find_feature_files, read_bag, read_coords, remove_stale_temporaries,
+                            write_features)
+from fixtures import write_bag, write_tiny_slide
+
+torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parents[2]
+TAG = "resnet10t-random-seed3"
+FAST = ["--patch_size", "64", "--batch_size", "32", "--num_workers", "0", "--threads", "1",
+        "--encoder.name", "resnet10t", "--encoder.seed", "3"]
+
+
+def small_slides(folder: Path, n: int) -> Path:
+    for i in range(n):
+        write_tiny_slide(folder / f"s{i}.tiff", width=512, height=384, seed=i)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prov")
+    slides = small_slides(root / "slides", 2)
+    out = root / "out"
+    extract(["--slides", str(slides), "--out", str(out), *FAST])
+    return slides, out
+
+
+def snapshot(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*.h5"))}
+
+
+@pytest.mark.parametrize("change, named", [
+    (["--patch_size", "96"], r"--patch_size 96 \(stored: 64\)"),
+    (["--mpp", "0.25"], r"--mpp 0.25 \(stored: 0.5\)"),
+    (["--tissue.min_saturation", "0.2"], r"--tissue.min_saturation 0.2 \(stored: 0.05\)"),
+    (["--dtype", "float16"], r"--dtype 'float16' \(stored: 'float32'\)"),
+    (["--tta", "d4"], r"--tta 'd4' \(stored: 'none'\)"),
+    (["--views", "2"], r"--views 2 \(stored: 0\)"),
+    (["--encoder.seed", "4", "--encoder.tag", TAG], r"--encoder.seed 4 \(stored: 3\)"),
+    (["--encoder.name", "resnet18", "--encoder.tag", TAG], r"--encoder.name 'resnet18' \(stored: 'resnet10t'\)"),
+])
+def test_rerun_with_other_settings_is_refused_and_names_them(store, change, named):
+    slides, out = store
+    before = snapshot(out)
+    with pytest.raises(InputError, match=named + r".*another --out, or --overwrite true"):
+        extract(["--slides", str(slides), "--out", str(out), *FAST, *change])
+    assert snapshot(out) == before
+
+
+def test_refusal_is_one_line_and_exit_2(store, capsys):
+    slides, out = store
+    code = features_main(["extract", "--slides", str(slides), "--out", str(out), *FAST, "--dtype", "float16"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "dtype" in err and "Traceback" not in err
+
+
+def test_same_settings_resume_and_skip(store, capsys):
+    slides, out = store
+    before = snapshot(out)
+    extract(["--slides", str(slides), "--out", str(out), *FAST])
+    assert "2 already done" in capsys.readouterr().out
+    assert snapshot(out) == before
+
+
+def test_tile_rerun_with_other_tissue_settings_is_refused(tmp_path):
+    slides = small_slides(tmp_path / "slides", 1)
+    args = ["--slides", str(slides), "--out", str(tmp_path / "out"), "--patch_size", "64"]
+    tile(args)
+    before = snapshot(tmp_path / "out")
+    with pytest.raises(InputError, match=r"--min_tissue 0.9 \(stored: 0.25\)"):
+        tile([*args, "--min_tissue", "0.9"])
+    with pytest.raises(InputError, match=r"--overlap 16 \(stored: 0\)"):
+        tile([*args, "--overlap", "16"])
+    assert snapshot(tmp_path / "out") == before
+    tile([*args, "--overlap", "16", "--overwrite", "true"])  # redone with the new settings, none of the old
+    coords, attrs = read_coords(tmp_path / "out" / "coords" / "s0.h5")
+    assert attrs["overlap"] == 16 and len(coords) > len(read_coords_from(before))
+    settings = json.loads((tmp_path / "out" / "coords" / "settings.json").read_text())["settings"]
+    assert settings["overlap"] == 16
+
+
+def read_coords_from(snap: dict[str, bytes]) -> np.ndarray:
+    import io
+
+    with h5py.File(io.BytesIO(snap["coords/s0.h5"]), "r") as h5:
+        return h5["coords"][:]
+
+
+def test_partly_finished_store_never_holds_two_kinds(tmp_path):
+    slides = small_slides(tmp_path / "slides", 2)
+    out = tmp_path / "out"
+    extract(["--slides", str(slides), "--out", str(out), *FAST])
+    folder = out / "features" / TAG
+    (folder / "s1.h5").unlink()  # as if the run had been killed before its last slide
+    with pytest.raises(InputError, match="dtype"):
+        extract(["--slides", str(slides), "--out", str(out), *FAST, "--dtype", "float16"])
+    assert sorted(p.name for p in folder.glob("*.h5")) == ["s0.h5"]
+    # Stores written before records existed are checked through the attributes of their files.
+    (folder / "settings.json").unlink()
+    (out / "coords" / "settings.json").unlink()
+    with pytest.raises(InputError, match=r"--dtype 'float16' \(stored: 'float32'\)"):
+        extract(["--slides", str(slides), "--out", str(out), *FAST, "--dtype", "float16"])
+    with pytest.raises(InputError, match=r"--patch_size 96 \(stored: 64\)"):
+        extract(["--slides", str(slides), "--out", str(out), *FAST, "--patch_size", "96"])
+    extract(["--slides", str(slides), "--out", str(out), *FAST, "--dtype", "float16", "--overwrite", "true"])
+    dtypes = {p.name: read_bag(p).features.dtype for p in folder.glob("*.h5")}
+    assert dtypes == {"s0.h5": np.float16, "s1.h5": np.float16}
+    assert json.loads((folder / "settings.json").read_text())["settings"]["dtype"] == "float16"
+
+
+# ------------------------------------------------------------------------------------------ mixed folders
+
+
+def test_a_folder_mixing_encoders_is_refused_naming_two_files(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "features" / "tag"
+    write_bag(folder / "a.h5", rng.normal(size=(5, 8)), encoder="resnet18")
+    write_bag(folder / "b.h5", rng.normal(size=(5, 8)), encoder="resnet18")
+    assert set(find_feature_files(tmp_path)) == {"a", "b"}
+    write_bag(folder / "c.h5", rng.normal(size=(5, 8)), encoder="vit_small")
+    with pytest.raises(InputError, match=r"encoder.name: 'resnet18' vs 'vit_small'.*a.h5 vs c.h5"):
+        find_feature_files(tmp_path)
+
+
+@pytest.mark.parametrize("attr, values, named", [
+    ("weights_sha256", ["ab" * 32, "cd" * 32], "encoder.weights_sha256"),
+    ("encoder_seed", [0, 7], "encoder.seed: 0 vs 7"),
+    ("dtype", ["float32", "float16"], "dtype: 'float32' vs 'float16'"),
+    ("transform", [json.dumps({"input_size": [3, 64, 64]}), json.dumps({"input_size": [3, 96, 96]})],
+     "encoder.transform"),
+])
+def test_a_folder_mixing_checksums_seeds_transforms_or_dtypes_is_refused(tmp_path, attr, values, named):
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "f"
+    for name, value in zip(("a", "b"), values):
+        path = write_bag(folder / f"{name}.h5", rng.normal(size=(4, 8)))
+        with h5py.File(path, "r+") as h5:
+            h5["features"].attrs[attr] = value
+    with pytest.raises(InputError, match=re.escape(named) + r".*a.h5 vs b.h5"):
+        find_feature_files(folder)
+
+
+def test_a_folder_mixing_geometry_is_refused_and_attributeless_folders_load(tmp_path):
+    rng = np.random.default_rng(2)
+    write_bag(tmp_path / "f" / "a.h5", rng.normal(size=(4, 8)), patch_size_level0=224)
+    write_bag(tmp_path / "f" / "b.h5", rng.normal(size=(4, 8)), patch_size_level0=256)
+    with pytest.raises(InputError, match="patch_size: 224 vs 256"):
+        find_feature_files(tmp_path / "f")
+    (tmp_path / "clam" / "h5_files").mkdir(parents=True)
+    for name in ("x", "y"):  # CLAM's layout: no attributes at all
+        with h5py.File(tmp_path / "clam" / "h5_files" / f"{name}.h5", "w") as h5:
+            h5["features"] = rng.normal(size=(3, 8)).astype(np.float32)
+            h5["coords"] = np.zeros((3, 2), dtype=np.int64)
+    assert set(find_feature_files(tmp_path / "clam")) == {"x", "y"}
+
+
+def test_mil_data_refuses_a_mixed_folder(tmp_path):
+    from mil.data.datamodule import MILDataModule
+    from fixtures import synthetic_bags
+
+    folder, labels = synthetic_bags(tmp_path, n_slides=4, n_patches=6, dim=8)
+    path = sorted(folder.glob("*.h5"))[-1]
+    with h5py.File(path, "r+") as h5:
+        h5["features"].attrs["encoder"] = "another"
+    with pytest.raises(InputError, match=r"encoder.name: 'synthetic' vs 'another'"):
+        MILDataModule(features=str(folder), labels=str(labels))
+
+
+# ------------------------------------------------------------------------------------------ concurrent runs
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
+
+
+def test_stale_temporaries_are_removed_only_when_their_owner_is_gone(tmp_path):
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        in_flight = tmp_path / f"a.h5{TMP_MARKER}{live.pid}-0123abcd"
+        left_over = tmp_path / f"b.h5{TMP_MARKER}{dead.pid}-0123abcd"
+        in_flight.write_bytes(b"being written")
+        left_over.write_bytes(b"killed")
+        assert remove_stale_temporaries(tmp_path) == 1
+        assert in_flight.exists() and not left_over.exists()
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_two_concurrent_runs_share_one_store_and_never_write_a_slide_twice(tmp_path):
+    """Two real runs into one --out, while a third party (this test) holds slide s0 as a live run would."""
+    slides = small_slides(tmp_path / "slides", 4)
+    out = tmp_path / "out"
+    folder = out / "features" / TAG
+    held = FileLock(str(lock_path(out, TAG, "s0")))
+    held.acquire()
+    command = [sys.executable, "-m", "features", "extract", "--slides", str(slides), "--out", str(out), *FAST]
+    runs = [subprocess.Popen(command, env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    try:
+        deadline = time.time() + 400
+        others = [folder / f"s{i}.h5" for i in (1, 2, 3)]
+        while not all(p.is_file() for p in others) and all(r.poll() is None for r in runs) and time.time() < deadline:
+            time.sleep(0.5)
+        time.sleep(1.0)
+        assert all(r.poll() is None for r in runs), [r.communicate() for r in runs]  # they wait for s0 ...
+        assert not (folder / "s0.h5").exists()  # ... and do not write it meanwhile
+        written = write_features(folder / "s0.h5", np.zeros((1, 2)), {}, np.ones((1, 512)), {}).read_bytes()
+    finally:
+        held.release()
+    results = [run.communicate(timeout=300) for run in runs]
+    for run, (_, stderr) in zip(runs, results):
+        assert run.returncode == 0, stderr
+    done = [int(re.search(r"extracted (\d+) slides", stdout).group(1)) for stdout, _ in results]
+    assert sum(done) == 3  # s1..s3 embedded by exactly one run each; s0 left to its holder
+    assert (folder / "s0.h5").read_bytes() == written
+    manifest = pd.read_csv(out / "manifest.csv").set_index("slide_id")
+    assert sorted(manifest.index) == ["s0", "s1", "s2", "s3"] and set(manifest["status"]) == {"ok"}
+    for path in others:
+        bag = read_bag(path)
+        assert len(bag) == manifest.loc[path.stem, "n_patches"] > 0 and np.isfinite(bag.features).all()
+    assert not list(out.rglob(f"*{TMP_MARKER}*"))
