@@ -125,7 +125,13 @@ def test_partly_finished_store_never_holds_two_kinds(tmp_path):
         extract(["--slides", str(slides), "--out", str(out), *FAST, "--dtype", "float16"])
     with pytest.raises(InputError, match=r"--patch_size 96 \(stored: 64\)"):
         extract(["--slides", str(slides), "--out", str(out), *FAST, "--patch_size", "96"])
-    extract(["--slides", str(slides), "--out", str(out), *FAST, "--dtype", "float16", "--overwrite", "true"])
+    # --overwrite with other settings, killed half-way (here: a damaged slide stops it): no old file survives it.
+    (slides / "s0x.tiff").write_bytes(b"not a slide")
+    with pytest.raises(InputError):
+        extract(["--slides", str(slides), "--out", str(out), *FAST, "--dtype", "float16", "--overwrite", "true"])
+    (slides / "s0x.tiff").unlink()
+    assert not any(read_bag(p).features.dtype == np.float32 for p in folder.glob("*.h5"))
+    extract(["--slides", str(slides), "--out", str(out), *FAST, "--dtype", "float16"])  # resumes with the new kind
     dtypes = {p.name: read_bag(p).features.dtype for p in folder.glob("*.h5")}
     assert dtypes == {"s0.h5": np.float16, "s1.h5": np.float16}
     assert json.loads((folder / "settings.json").read_text())["settings"]["dtype"] == "float16"
@@ -181,7 +187,7 @@ def test_mil_data_refuses_a_mixed_folder(tmp_path):
     from mil.data.datamodule import MILDataModule
     from fixtures import synthetic_bags
 
-    folder, labels = synthetic_bags(tmp_path, n_slides=4, n_patches=6, dim=8)
+    folder, labels = synthetic_bags(tmp_path, n_slides=8, n_patches=6, dim=8)
     path = sorted(folder.glob("*.h5"))[-1]
     with h5py.File(path, "r+") as h5:
         h5["features"].attrs["encoder"] = "another"
@@ -245,3 +251,106 @@ def test_two_concurrent_runs_share_one_store_and_never_write_a_slide_twice(tmp_p
         bag = read_bag(path)
         assert len(bag) == manifest.loc[path.stem, "n_patches"] > 0 and np.isfinite(bag.features).all()
     assert not list(out.rglob(f"*{TMP_MARKER}*"))
+
+
+# --------------------------------------------------------------------------- fine-tuning from the store's encoder
+
+TRAIN = ["--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false", "--data.num_workers", "0",
+         "--data.batch_size", "4", "--trainer.max_epochs", "1"]
+
+
+@pytest.fixture(scope="module")
+def tuned_store(tmp_path_factory):
+    """A store extracted with a weights file (not the default random encoder) and a selection mined from it."""
+    from features.encoders import EncoderConfig, build_encoder
+    from features.selection import write_selection
+    from features.training.weights import save_encoder_weights
+
+    root = tmp_path_factory.mktemp("tuned")
+    slides = small_slides(root / "slides", 2)
+    weights = save_encoder_weights(build_encoder(EncoderConfig(name="resnet10t", seed=1)).model,
+                                   root / "start.safetensors")
+    out = root / "store"
+    extract(["--slides", str(slides), "--out", str(out), *FAST, "--encoder.weights", str(weights)])
+    rows = []
+    for slide_id in ("s0", "s1"):
+        coords, _ = read_coords(out / "coords" / f"{slide_id}.h5")
+        for i, (x, y) in enumerate(coords[:6]):
+            kind = "positive" if slide_id == "s0" else ("hard_negative" if i < 3 else "negative")
+            rows.append({"slide_id": slide_id, "x": x, "y": y, "pseudo_label": int(kind == "positive"), "score": 0.0,
+                         "kind": kind})
+    write_selection(root / "selection.csv", pd.DataFrame(rows))
+    return {"slides": slides, "store": out, "weights": weights, "selection": root / "selection.csv", "root": root}
+
+
+def finetune_argv(cohort: dict, out: Path, *extra: str) -> list[str]:
+    return ["--slides", str(cohort["slides"]), "--coords", str(cohort["store"]), "--selection",
+            str(cohort["selection"]), "--out", str(out), *TRAIN, *extra]
+
+
+def test_finetune_without_encoder_options_starts_from_the_store_encoder(tuned_store, tmp_path):
+    from features.training import finetune
+
+    out = tmp_path / "ft.safetensors"
+    finetune.main(finetune_argv(tuned_store, out))
+    sidecar = json.loads(Path(f"{out}.json").read_text())
+    assert sidecar["started_from"] == str(tuned_store["weights"].resolve()) and sidecar["encoder"] == "resnet10t"
+    assert sidecar["settings"]["encoder"]["seed"] == 3 and sidecar["steps"] > 0
+
+
+def test_finetune_refuses_encoder_options_that_contradict_the_store(tuned_store, tmp_path):
+    from features.encoders import EncoderConfig, build_encoder
+    from features.training import finetune
+    from features.training.weights import save_encoder_weights
+
+    other = save_encoder_weights(build_encoder(EncoderConfig(name="resnet10t", seed=2)).model,
+                                 tmp_path / "other.safetensors")
+    out = tmp_path / "ft.safetensors"
+    with pytest.raises(InputError, match=r"--encoder.weights .*other.safetensors.*\(store: .*start.safetensors.*"
+                                         r"--encoder.override true"):
+        finetune.main(finetune_argv(tuned_store, out, "--encoder.weights", str(other)))
+    with pytest.raises(InputError, match=r"--encoder.name resnet18 \(store: resnet10t\)"):
+        finetune.main(finetune_argv(tuned_store, out, "--encoder.name", "resnet18"))
+    assert not out.exists()
+    # Options that agree with the store are fine (`mil hnm` passes them all); override takes the given encoder.
+    argv = finetune_argv(tuned_store, out, "--encoder.name", "resnet10t", "--encoder.weights", str(tuned_store["weights"]),
+                         "--encoder.seed", "3", "--encoder.model_kwargs", "{}")
+    start = finetune.start_encoder(str(tuned_store["store"]), finetune.FinetuneEncoder(
+        name="resnet10t", weights=str(tuned_store["weights"]), seed=3), finetune.given_encoder_fields(argv))
+    assert start.weights == str(tuned_store["weights"])
+    given = finetune.FinetuneEncoder(name="resnet10t", weights=str(other), override=True)
+    assert finetune.start_encoder(str(tuned_store["store"]), given, {"weights", "override"}) == given
+
+
+def test_finetune_names_missing_or_changed_store_weights(tuned_store, tmp_path):
+    from features.training import finetune
+
+    weights = tuned_store["weights"]
+    kept = weights.with_name("kept.safetensors")
+    weights.rename(kept)
+    try:
+        with pytest.raises(InputError, match=r"start.safetensors are missing; put the file back, or pass "
+                                             r"--encoder.weights FILE"):
+            finetune.main(finetune_argv(tuned_store, tmp_path / "a.safetensors"))
+        weights.write_bytes(kept.read_bytes()[:-8] + b"changed!")
+        with pytest.raises(InputError, match=r"start.safetensors: changed since .* \(sha256 "):
+            finetune.main(finetune_argv(tuned_store, tmp_path / "b.safetensors"))
+    finally:
+        kept.replace(weights)
+
+
+def test_finetune_on_a_coords_only_store_asks_for_an_encoder(tmp_path):
+    from features.training import finetune
+
+    slides = small_slides(tmp_path / "slides", 1)
+    from features.selection import write_selection
+
+    tile(["--slides", str(slides), "--out", str(tmp_path / "store"), "--patch_size", "64"])
+    coords, _ = read_coords(tmp_path / "store" / "coords" / "s0.h5")
+    write_selection(tmp_path / "selection.csv", pd.DataFrame(
+        [{"slide_id": "s0", "x": x, "y": y, "pseudo_label": int(i < 2), "score": 0.0,
+          "kind": "positive" if i < 2 else "hard_negative"} for i, (x, y) in enumerate(coords[:4])]))
+    with pytest.raises(InputError, match="records no encoder"):
+        finetune.main(["--slides", str(slides), "--coords", str(tmp_path / "store"), "--selection",
+                       str(tmp_path / "selection.csv"), "--out", str(tmp_path / "x.safetensors"), *TRAIN])
+    assert not (tmp_path / "x.safetensors").exists()
