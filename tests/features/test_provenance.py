@@ -22,7 +22,7 @@ from features.__main__ import main as features_main
 from features.errors import InputError
 from features.extraction.cli import extract, tile
 from features.provenance import lock_path
-from features.store import (TMP_MARKER, find_feature_files, read_bag, read_coords, remove_stale_temporaries,
+from features.store import (TMP_MARKER, Manifest, find_feature_files, read_bag, read_coords, remove_stale_temporaries,
                             write_features)
 from fixtures import write_bag, write_tiny_slide
 
@@ -216,6 +216,15 @@ def test_stale_temporaries_are_removed_only_when_their_owner_is_gone(tmp_path):
     finally:
         live.kill()
         live.wait()
+
+
+def test_manifest_keeps_the_rows_of_two_writers(tmp_path):
+    first, second = Manifest(tmp_path / "manifest.csv"), Manifest(tmp_path / "manifest.csv")  # two runs, one store
+    first.record("a", "ok", 3, 1.0)
+    second.record("b", "ok", 4, 1.0)
+    first.record("c", "error", error="bad")
+    rows = Manifest(tmp_path / "manifest.csv").rows
+    assert sorted(rows) == ["a", "b", "c"] and rows["b"]["n_patches"] == "4" and rows["c"]["status"] == "error"
 
 
 def test_two_concurrent_runs_share_one_store_and_never_write_a_slide_twice(tmp_path):
