@@ -47,6 +47,10 @@ COORD_ATTRS = (
     "mpp_level0", "mpp_source", "level0_width", "level0_height", "overlap",
 )
 FEATURE_ATTRS = ("encoder", "weights", "weights_sha256", "transform", "dtype", "hnm_mil_version")
+# What a reader compares across the files of one folder (see features.provenance.attrs_settings).
+COMPARED_COORD_ATTRS = ("target_mpp", "patch_size", "overlap")
+COMPARED_FEATURE_ATTRS = ("encoder", "weights_sha256", "encoder_seed", "tta", "n_views", "dtype", "model_kwargs",
+                          "transform")
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._\-+ ()\[\]]+$")
 
@@ -299,10 +303,14 @@ def file_settings(path: Path) -> dict[str, Any]:
     """The settings a features file records in its attributes (attributes only: no data is read)."""
     from features.provenance import attrs_settings
 
+    def wanted(attrs: h5py.AttributeManager, names: tuple[str, ...]) -> dict[str, Any]:
+        present = set(attrs.keys())
+        return {name: _plain(attrs[name]) for name in names if name in present}
+
     try:
         with h5py.File(path, "r") as h5:
-            coord_attrs = {k: _plain(v) for k, v in h5["coords"].attrs.items()} if "coords" in h5 else {}
-            feature_attrs = {k: _plain(v) for k, v in h5["features"].attrs.items()} if "features" in h5 else {}
+            coord_attrs = wanted(h5["coords"].attrs, COMPARED_COORD_ATTRS) if "coords" in h5 else {}
+            feature_attrs = wanted(h5["features"].attrs, COMPARED_FEATURE_ATTRS) if "features" in h5 else {}
             if "features" in h5 and "dtype" not in feature_attrs:
                 feature_attrs["dtype"] = str(h5["features"].dtype)
     except OSError as error:
