@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 from features.encoders import Encoder, EncoderConfig, build_encoder
 from features.errors import InputError
 from features.extraction.views import ViewPlan, tta_d4
-from features.provenance import lock_path
 from features.patches import PatchDataset, items_for_slide
+from features.provenance import lock_path
 from features.slides import SlideRef, list_slides, open_slide, slide_mpp
 from features.store import (Manifest, coords_path, count_patches, features_path, read_coords,
                             safe_slide_id, write_coords, write_features)
