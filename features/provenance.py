@@ -12,6 +12,7 @@ through the attributes of one of their ``.h5`` files instead.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -24,6 +25,7 @@ from filelock import FileLock
 
 from features.errors import InputError
 
+log = logging.getLogger(__name__)
 FORMAT = "hnm-mil settings 1"
 SETTINGS_NAME = "settings.json"
 LOCK_DIR = ".locks"
@@ -176,10 +178,7 @@ def prepare_folder(out: str | Path, folder: str | Path, kind: str, settings: Map
         if diffs:
             removed = remove_outputs(folder)
             if removed:
-                import logging
-
-                logging.getLogger(__name__).warning("%s: removed %d files made with other settings (--overwrite)",
-                                                    folder, removed)
+                log.warning("%s: removed %d files made with other settings (--overwrite)", folder, removed)
         record = make_record(kind, settings, recorded)
         existing = read_record(folder)
         if existing is None or existing.get("settings") != record["settings"]:
