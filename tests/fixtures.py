@@ -103,3 +103,13 @@ def synthetic_bags(out: str | Path, n_slides: int = 12, n_patches: int = 40, dim
     labels = out / "labels.csv"
     labels.write_text("\n".join(rows) + "\n")
     return folder, labels
+
+
+def dead_pid() -> int:
+    """The id of a process that has exited: owner of a temporary left by a killed run."""
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid

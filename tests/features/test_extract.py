@@ -18,7 +18,7 @@ from features.patches import read_patch
 from features.slides import open_slide
 from features.store import COORD_ATTRS, FEATURE_ATTRS, read_bag, read_coords
 from features.tiling import Geometry
-from fixtures import REAL_SLIDES, write_tiny_slide
+from fixtures import REAL_SLIDES, dead_pid, write_tiny_slide
 
 torch.set_num_threads(1)
 ENCODER = ["--encoder.name", "resnet10t", "--encoder.seed", "3"]
@@ -86,7 +86,7 @@ def test_rerun_skips_complete_files_and_cleans_temporaries(cohort, capsys):
     root, out = cohort
     done = out / "features" / TAG / "half.h5"
     before = done.stat().st_mtime_ns
-    stale = done.with_name("half.h5.tmp-999-deadbeef")
+    stale = done.with_name(f"half.h5.tmp-{dead_pid()}-deadbeef")
     stale.write_bytes(b"partial")
     extract(["--slides", str(root / "slides"), "--out", str(out), *FAST])
     assert done.stat().st_mtime_ns == before and not stale.exists()

@@ -24,7 +24,7 @@ from features.extraction.cli import extract, tile
 from features.provenance import lock_path
 from features.store import (TMP_MARKER, Manifest, find_feature_files, read_bag, read_coords, remove_stale_temporaries,
                             write_features)
-from fixtures import write_bag, write_tiny_slide
+from fixtures import dead_pid, write_bag, write_tiny_slide
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[2]
@@ -204,11 +204,9 @@ def env() -> dict[str, str]:
 
 def test_stale_temporaries_are_removed_only_when_their_owner_is_gone(tmp_path):
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
     try:
         in_flight = tmp_path / f"a.h5{TMP_MARKER}{live.pid}-0123abcd"
-        left_over = tmp_path / f"b.h5{TMP_MARKER}{dead.pid}-0123abcd"
+        left_over = tmp_path / f"b.h5{TMP_MARKER}{dead_pid()}-0123abcd"
         in_flight.write_bytes(b"being written")
         left_over.write_bytes(b"killed")
         assert remove_stale_temporaries(tmp_path) == 1

@@ -13,7 +13,7 @@ from features.store import (
     Manifest, atomic_path, count_patches, features_path, find_feature_files, read_bag, read_coords,
     remove_stale_temporaries, write_coords,
 )
-from fixtures import write_bag
+from fixtures import dead_pid, write_bag
 
 
 def test_round_trip_keeps_rows_aligned_and_attrs(tmp_path: Path) -> None:
@@ -44,7 +44,7 @@ def test_a_failed_write_leaves_no_file_and_no_temporary(tmp_path: Path) -> None:
 
 def test_stale_temporaries_are_removed_and_never_listed(tmp_path: Path) -> None:
     write_bag(tmp_path / "f" / "a.h5", np.ones((2, 2), np.float32))
-    (tmp_path / "f" / "b.h5.tmp-123-abc").write_text("partial")
+    (tmp_path / "f" / f"b.h5.tmp-{dead_pid()}-abc").write_text("partial")
     assert list(find_feature_files(tmp_path / "f")) == ["a"]
     assert remove_stale_temporaries(tmp_path) == 1
 
