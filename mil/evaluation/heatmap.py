@@ -191,6 +191,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--scores", type=str | None, default=None, help="folder of patch score files")
     parser.add_argument("--slides", type=str, required=True, help="slide folder, or CSV with slide_id,path")
     parser.add_argument("--features", type=str, required=True, help="features folder (patch geometry)")
+    parser.add_argument("--patch_size_level0", type=int | None, default=None,
+                        help="patch side in level-0 pixels, for feature files without geometry (CLAM)")
     parser.add_argument("--annotations", type=str | None, default=None, help="folder of ASAP XML / GeoJSON")
     parser.add_argument("--out", type=str, required=True, help="output folder for PNGs (and GeoJSON)")
     parser.add_argument("--slide_ids", type=list[str] | None, default=None, help="only these slides")
@@ -230,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"warning: {slide_id}: no slide in --slides or no features file in --features; skipped")
             continue
         coords, values = read_patch_scores(score_files[slide_id], args.score)
-        size = patch_size_level0(feature_files[slide_id])
+        size = patch_size_level0(feature_files[slide_id], args.patch_size_level0)
         thumbnail, level0_size = _slide_thumbnail(slides[slide_id], args.thumbnail_size)
         image = render(thumbnail, level0_size, coords, values, size, args.score,
                        _annotation_polygons(args.annotations, slide_id))
