@@ -22,6 +22,7 @@ from typing import Literal
 
 import h5py
 import numpy as np
+from jsonargparse import ActionConfigFile, ArgumentParser
 from tqdm.auto import tqdm
 
 from features.errors import InputError
@@ -39,10 +40,23 @@ class ExportArgs:
     encoder: str | None = None  # TRIDENT folder name features_<encoder> (default: the store's tag)
 
 
-def main(argv: list[str] | None = None) -> None:
-    from features.training.pretrain import parse
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="features export", description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_argument("--layout", type=Literal["clam", "trident"], required=True,
+                        help="clam: h5_files/ + pt_files/; trident: patches/ + features_<encoder>/")
+    parser.add_argument("--features", type=str, required=True,
+                        help="the store's features folder, <store>/features/<tag>")
+    parser.add_argument("--out", type=str, required=True,
+                        help="folder to write (a CLAM features dir, a TRIDENT job dir)")
+    parser.add_argument("--encoder", type=str | None, default=None,
+                        help="TRIDENT folder name features_<encoder> (default: the store's tag)")
+    return parser
 
-    export(parse(ExportArgs, argv, "features export", __doc__))
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    export(ExportArgs(layout=args.layout, features=args.features, out=args.out, encoder=args.encoder))
 
 
 def export(args: ExportArgs) -> Path:

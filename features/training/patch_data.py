@@ -37,7 +37,8 @@ def coords_file(root: str | Path, slide_id: str) -> Path | None:
     candidates = [root / COORDS_DIR / f"{slide_id}.h5", root / f"{slide_id}.h5"]
     if (root / FEATURES_DIR).is_dir():
         candidates += sorted((root / FEATURES_DIR).glob(f"*/{slide_id}.h5"))
-    candidates += [root / "h5_files" / f"{slide_id}.h5", *sorted(root.glob(f"features_*/{slide_id}.h5"))]  # CLAM, TRIDENT
+    # CLAM's features folder, TRIDENT's job folder
+    candidates += [root / "h5_files" / f"{slide_id}.h5", *sorted(root.glob(f"features_*/{slide_id}.h5"))]
     return next((path for path in candidates if path.is_file()), None)
 
 

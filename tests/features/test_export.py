@@ -235,3 +235,24 @@ def test_torchmil_reads_our_store_with_its_grid(store):
     assert bag["X"].shape == (9, 8) and int(bag["Y"]) == 0
     edges = bag["adj"].coalesce().indices()
     assert int((edges[0] != edges[1]).sum()) == 4 * 3 + 4 * 5 + 8  # corners, edge cells, the centre
+
+
+def test_finetune_runs_from_a_clam_folder(slide_run):
+    from features.selection import write_selection
+    from features.training import finetune
+
+    root = slide_run
+    coords = grid(8, 6, 256, 192)
+    picks = [0, 1, 9, 40, 41, 47]
+    kinds = ["positive", "positive", "positive", "hard_negative", "hard_negative", "negative"]
+    write_selection(root / "selection.csv", pd.DataFrame({
+        "slide_id": "slide_a", "x": coords[picks, 0], "y": coords[picks, 1],
+        "pseudo_label": [int(k == "positive") for k in kinds], "score": 0.5, "kind": kinds}))
+    argv = ["--slides", str(root / "slides"), "--coords", str(root / "clam"), "--selection", str(root / "selection.csv"),
+            "--data.batch_size", "4", "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu",
+            "--trainer.enable_progress_bar", "false", "--data.num_workers", "0", "--encoder.name", "resnet10t"]
+    with pytest.raises(InputError, match="--patch_size_level0"):
+        finetune.main(argv + ["--out", str(root / "ft.safetensors")])
+    finetune.main(argv + ["--patch_size_level0", str(PATCH), "--out", str(root / "ft.safetensors")])
+    sidecar = json.loads((root / "ft.safetensors.json").read_text())
+    assert sidecar["steps"] == 1 and sidecar["settings"]["patch_size_level0"] == PATCH
