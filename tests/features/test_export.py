@@ -112,6 +112,9 @@ def test_store_keeps_grid_positions_one_step_apart(store):
         assert h5["grid"].attrs["grid_step_level0"] == PATCH
     np.testing.assert_array_equal(positions * PATCH, coords)
     assert positions.max() == 3  # a 4 x 4 grid: columns and rows 0..3, neighbours one apart
+    free = write_bag(store.parent / "free" / "points.h5", np.zeros((2, 8)), np.array([[10, 30], [97, 5]]))
+    with h5py.File(free, "r") as h5:
+        assert "grid" not in h5  # free-placed patches (point candidates) lie on no grid: none is claimed
 
 
 def test_torchmil_builds_neighbours_from_our_trident_export(store, tmp_path):
