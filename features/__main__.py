@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "heads": ("features.heads.cli:main", "train small patch-level heads on stored embeddings"),
     "select": ("features.heads.select:main", "rank candidate encoders on a labelled proxy task"),
     "regimes": ("features.heads.regimes:main", "search hard-negative regimes for a patch-level head"),
+    "export": ("features.export:main", "write a feature store as a CLAM or TRIDENT folder (--layout clam|trident)"),
 }
 
 

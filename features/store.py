@@ -155,11 +155,32 @@ def _check_coords(coords: np.ndarray) -> np.ndarray:
     return coords.astype(np.int64, copy=False)
 
 
+def grid_step(attrs: Mapping[str, Any]) -> int | None:
+    """The level-0 distance between neighbouring patches (the tiling stride), or None without full geometry.
+
+    ``round((patch_size - overlap) * target_mpp / mpp_level0)``: the one rule that places the grid, so that
+    ``coords // grid_step`` is each patch's (column, row) and graph models find neighbours one step apart.
+    """
+    try:
+        step = (float(attrs["patch_size"]) - float(attrs.get("overlap", 0))) * float(attrs["target_mpp"])
+        return max(1, round(step / float(attrs["mpp_level0"])))
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
+
+
+def _write_grid(h5: h5py.File, coords: np.ndarray, attrs: Mapping[str, Any]) -> None:
+    """``grid`` (N, 2): each patch's (column, row) on the tiling grid, beside the level-0 ``coords``."""
+    step = grid_step(attrs)
+    if step is not None and len(coords) and not (coords % step).any():  # free-placed patches have no grid
+        h5.create_dataset("grid", data=coords // step).attrs["grid_step_level0"] = step
+
+
 def write_coords(path: str | Path, coords: np.ndarray, attrs: Mapping[str, Any]) -> Path:
     """Write a coords-only file (``features tile``)."""
     coords = _check_coords(coords)
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
         _set_attrs(h5.create_dataset("coords", data=coords).attrs, attrs)
+        _write_grid(h5, coords, attrs)
     return Path(path)
 
 
@@ -180,6 +201,7 @@ def write_features(
         raise ValueError(f"features_views {views.shape} must be (V, {features.shape[0]}, {features.shape[1]})")
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
         _set_attrs(h5.create_dataset("coords", data=coords).attrs, coord_attrs)
+        _write_grid(h5, coords, coord_attrs)
         dset = h5.create_dataset("features", data=features, chunks=_row_chunks(features.shape))
         _set_attrs(dset.attrs, {"dtype": str(features.dtype), **feature_attrs})
         if views is not None:

@@ -19,6 +19,7 @@ import openslide
 
 from features.errors import InputError
 from features.slides import SlideRef, slide_mpp
+from features.store import grid_step
 from features.tissue import TissueConfig, TissueMask, detect_tissue
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ class Geometry:
 
     @property
     def stride_level0(self) -> int:
-        return max(1, round((self.patch_size - self.overlap) * self.target_mpp / self.mpp_level0))
+        return grid_step(self.to_attrs())
 
     def to_attrs(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

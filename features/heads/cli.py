@@ -31,7 +31,9 @@ class DataSource:
     table: str | None = None         # patch table CSV: image,x,y,label,source[,split]
     images: str | None = None        # image folder root/<class>/*.png, embedded with `encoder`
     points: str | None = None        # MIDOG-style COCO JSON, embedded with `encoder` through extraction
-    image_dir: str | None = None     # the folder holding the COCO images
+    image_dir: str | None = None     # the folder holding the COCO images (their mpp is read there when the JSON lacks it)
+    splits: str | None = None        # CSV file_name,split (train/val/test/unlabeled); default: the JSON's, else seeded
+    categories: dict[str, int] | None = None  # COCO category name -> label (default: MIDOG++ names, figure = 1)
     work_dir: str | None = None      # where point embeddings are written (default: next to --out)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     sampling: PointSampling = field(default_factory=PointSampling)
@@ -69,7 +71,9 @@ def load_data(source: DataSource, out: str | Path | None = None) -> EmbeddingSet
 
         work = Path(source.work_dir or Path(out or ".") / "embeddings")
         features_dir, table = embed_points(source.points, source.image_dir, work, source.encoder, source.sampling,
-                                           tta=source.tta, views=source.views, batch_size=source.batch_size)
+                                           tta=source.tta, views=source.views, batch_size=source.batch_size,
+                                           splits=source.splits, categories=source.categories,
+                                           split_seed=source.seed)
         table.loc[table["split"] == "unlabeled", "split"] = "train"  # unlabeled-image negatives train only
         return load_embeddings(features_dir, table)
     raise InputError("no data: pass --data.embeddings DIR with --data.table CSV, or --data.images ROOT, "

@@ -57,14 +57,15 @@ def extraction_argv(config: EncoderConfig) -> list[str]:
 
 def embed_points(coco_json: str | Path, image_dir: str | Path, work: str | Path, encoder: EncoderConfig,
                  sampling: PointSampling, tta: str = "none", views: int = 0, batch_size: int = 32,
-                 num_workers: int = 0) -> tuple[Path, pd.DataFrame]:
+                 num_workers: int = 0, splits: str | Path | None = None,
+                 categories: dict[str, int] | None = None, split_seed: int = 0) -> tuple[Path, pd.DataFrame]:
     """Build the candidate table of a COCO point set and embed it with ``features extract --coords``.
 
     Returns (features folder, table). The work folder is named after a digest of the table and the settings,
     so a rerun with the same inputs reuses finished files and a changed table never meets stale ones.
     """
-    images = read_coco_images(coco_json)
-    table = point_table(read_coco_points(coco_json), images, sampling)
+    images = read_coco_images(coco_json, image_dir, splits, split_seed)
+    table = point_table(read_coco_points(coco_json, categories), images, sampling)
     image_dir = Path(image_dir)
     slides = pd.DataFrame({"slide_id": images["file_name"].map(lambda f: Path(f).stem),
                            "path": [str((image_dir / f).resolve()) for f in images["file_name"]],

@@ -58,7 +58,7 @@ class FinetuneEncoder(EncoderConfig):
 @dataclass
 class FinetuneArgs:
     slides: str  # slide folder or slides CSV (the cohort mining ran on)
-    coords: str  # feature store (or coords folder): the geometry each selected patch was extracted with
+    coords: str  # feature store, coords or features folder (ours, CLAM or TRIDENT): where each selected patch lies
     selection: str  # selection CSV from `mil mine`
     out: str  # weights file to write (.safetensors) + .json sidecar
     encoder: FinetuneEncoder = field(default_factory=FinetuneEncoder)
@@ -67,6 +67,7 @@ class FinetuneArgs:
     phases: list[str] = field(default_factory=lambda: list(PHASES))  # epoch e runs phases[e % len(phases)]
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     trainer: TrainerSpec = field(default_factory=TrainerSpec)
+    patch_size_level0: int | None = None  # patch side in level-0 pixels, for CLAM files that carry no geometry
 
 
 class PhaseData(L.LightningDataModule):
@@ -190,7 +191,7 @@ def finetune(args: FinetuneArgs) -> Path:
     started = time.perf_counter()
     L.seed_everything(args.data.seed, workers=True, verbose=False)
     selection = read_selection(args.selection)
-    selected = selection_items(selection, slide_refs(args.slides), args.coords)
+    selected = selection_items(selection, slide_refs(args.slides), args.coords, args.patch_size_level0)
     module = ContrastiveEncoder(args.encoder, args.optim)
     transform, size = view_transform(module, selected.items[0].geometry.patch_size, args.data.image_size, args.augment)
     data = PhaseData(selected, ViewsDataset(selected.items, transform, selected.labels), args.phases, args.data)

@@ -37,6 +37,8 @@ def coords_file(root: str | Path, slide_id: str) -> Path | None:
     candidates = [root / COORDS_DIR / f"{slide_id}.h5", root / f"{slide_id}.h5"]
     if (root / FEATURES_DIR).is_dir():
         candidates += sorted((root / FEATURES_DIR).glob(f"*/{slide_id}.h5"))
+    # CLAM's features folder, TRIDENT's job folder
+    candidates += [root / "h5_files" / f"{slide_id}.h5", *sorted(root.glob(f"features_*/{slide_id}.h5"))]
     return next((path for path in candidates if path.is_file()), None)
 
 
@@ -86,8 +88,12 @@ class Selected:
         return np.flatnonzero(np.isin(self.kinds, [kind] if isinstance(kind, str) else list(kind)))
 
 
-def selection_items(selection: pd.DataFrame, refs: dict[str, SlideRef], coords_root: str | Path) -> Selected:
-    """Patches of a selection; geometry comes from each slide's coords file so pixels match extraction exactly."""
+def selection_items(selection: pd.DataFrame, refs: dict[str, SlideRef], coords_root: str | Path,
+                    patch_size_level0: int | None = None) -> Selected:
+    """Patches of a selection; geometry comes from each slide's coords file so pixels match extraction exactly
+    (for CLAM or TRIDENT files, see :func:`features.layouts.patch_geometry`)."""
+    from features.layouts import patch_geometry
+
     items: list[PatchItem] = []
     labels, kinds = [], []
     for slide_id, rows in selection.groupby("slide_id", sort=True):
@@ -96,7 +102,7 @@ def selection_items(selection: pd.DataFrame, refs: dict[str, SlideRef], coords_r
         path = coords_file(coords_root, slide_id)
         if path is None:
             raise InputError(f"{coords_root}: no coords for slide {slide_id}; pass the feature store mining used")
-        geometry = Geometry.from_attrs(read_coords(path)[1])
+        geometry = patch_geometry(path, refs[slide_id], patch_size_level0)
         items += [PatchItem(str(refs[slide_id].path), int(x), int(y), geometry) for x, y in zip(rows["x"], rows["y"])]
         labels += rows["pseudo_label"].astype(int).tolist()
         kinds += rows["kind"].astype(str).tolist()

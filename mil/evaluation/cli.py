@@ -28,6 +28,8 @@ def build_parser() -> ArgumentParser:
                         help="folder for metrics.json and roc.png (default: the run, or the predictions' folder)")
     parser.add_argument("--annotations", type=str | None, default=None, help="folder of ASAP XML / GeoJSON files")
     parser.add_argument("--features", type=str | None, default=None, help="features folder (patch geometry)")
+    parser.add_argument("--patch_size_level0", type=int | None, default=None,
+                        help="patch side in level-0 pixels, for feature files without geometry (CLAM)")
     parser.add_argument("--patch_scores", type=str | None, default=None,
                         help="patch_scores folder (default: <run>/patch_scores)")
     parser.add_argument("--min_overlap", type=float, default=0.5, help="tumor overlap that makes a tumor patch")
@@ -67,7 +69,8 @@ def main(argv: list[str] | None = None) -> None:
             raise InputError("mil evaluate: --annotations needs --features DIR and a run (or --patch_scores DIR)")
         labels = dict(zip(evaluated.slide_ids.tolist(), evaluated.labels.tolist()))
         section = evaluate_patches(scores, args.features, args.annotations, labels, args.min_overlap, args.top_k,
-                                   args.score, slide_ids=set(labels))
+                                   args.score, slide_ids=set(labels),
+                                   size_level0=args.patch_size_level0)
         section["split"] = split
         merge_metrics(out / METRICS_NAME, {"patch": section})
         print()

@@ -3,7 +3,8 @@
 Each PNG has two panels over the same thumbnail: the scores normalised per slide (where on this slide the model
 looks) and on an absolute scale (how sure it is, comparable across slides: sigmoid of the tumor logit, or for
 attention the share relative to uniform, N·a / (1 + N·a), so 0.5 is exactly 1/N). Annotation outlines are drawn
-when they exist. Optionally the top-K patches are exported as QuPath detections (GeoJSON, level-0 pixels).
+when they exist. Optionally the top-K patches are exported as QuPath detections (GeoJSON, level-0 pixels); every
+patch as QuPath tiles, and the mined selection, come from ``mil qupath``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from tqdm import tqdm
 from features.errors import InputError
 from features.store import atomic_path, find_feature_files
 from mil.evaluation.patch_truth import patch_size_level0
+from mil.evaluation.qupath import top_k_geojson  # lives in qupath.py; importable from here as before
 from mil.patch_scores import find_patch_scores, read_patch_scores
 
 log = logging.getLogger(__name__)
@@ -147,24 +149,6 @@ def render(thumbnail: Image.Image, level0_size: tuple[int, int], coords: np.ndar
     return compose(panels, polygons or {}, scale)
 
 
-def top_k_geojson(coords: np.ndarray, values: np.ndarray, size_level0: int, k: int, slide_id: str,
-                  score: str) -> dict[str, Any]:
-    """The ``k`` highest-scored patches as QuPath detection objects (square polygons, level-0 pixels)."""
-    order = np.argsort(-np.asarray(values), kind="stable")[:k]
-    features = []
-    for rank, i in enumerate(order, start=1):
-        x, y = int(coords[i, 0]), int(coords[i, 1])
-        ring = [[x, y], [x + size_level0, y], [x + size_level0, y + size_level0], [x, y + size_level0], [x, y]]
-        features.append({
-            "type": "Feature",
-            "geometry": {"type": "Polygon", "coordinates": [ring]},
-            "properties": {"objectType": "detection", "name": f"top {rank}",
-                           "classification": {"name": f"top-{k} {score}", "color": [255, 0, 255]},
-                           "measurements": {score: float(values[i]), "rank": rank}},
-        })
-    return {"type": "FeatureCollection", "features": features, "properties": {"slide_id": slide_id}}
-
-
 def _slide_thumbnail(path: Path, max_size: int) -> tuple[Image.Image, tuple[int, int]]:
     from features.slides import open_slide
 
@@ -191,6 +175,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--scores", type=str | None, default=None, help="folder of patch score files")
     parser.add_argument("--slides", type=str, required=True, help="slide folder, or CSV with slide_id,path")
     parser.add_argument("--features", type=str, required=True, help="features folder (patch geometry)")
+    parser.add_argument("--patch_size_level0", type=int | None, default=None,
+                        help="patch side in level-0 pixels, for feature files without geometry (CLAM)")
     parser.add_argument("--annotations", type=str | None, default=None, help="folder of ASAP XML / GeoJSON")
     parser.add_argument("--out", type=str, required=True, help="output folder for PNGs (and GeoJSON)")
     parser.add_argument("--slide_ids", type=list[str] | None, default=None, help="only these slides")
@@ -230,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"warning: {slide_id}: no slide in --slides or no features file in --features; skipped")
             continue
         coords, values = read_patch_scores(score_files[slide_id], args.score)
-        size = patch_size_level0(feature_files[slide_id])
+        size = patch_size_level0(feature_files[slide_id], args.patch_size_level0)
         thumbnail, level0_size = _slide_thumbnail(slides[slide_id], args.thumbnail_size)
         image = render(thumbnail, level0_size, coords, values, size, args.score,
                        _annotation_polygons(args.annotations, slide_id))

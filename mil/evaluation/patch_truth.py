@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from features.errors import InputError
-from features.store import find_feature_files, read_attrs
+from features.store import find_feature_files
 from mil.evaluation.metrics import binary_auc
 from mil.patch_scores import find_patch_scores, read_patch_scores
 
@@ -39,12 +39,11 @@ class SlidePatchTruth:
         return int(self.tumor.sum())
 
 
-def patch_size_level0(features_file: str | Path) -> int:
-    """The patch side in level-0 pixels, from the geometry attributes of a features (or coords) file."""
-    attrs = read_attrs(features_file, "coords")
-    if "patch_size_level0" not in attrs:
-        raise InputError(f"{features_file}: coords carry no patch_size_level0 attribute; re-run `features tile`")
-    return int(round(float(attrs["patch_size_level0"])))
+def patch_size_level0(features_file: str | Path, override: int | None = None) -> int:
+    """The patch side in level-0 pixels: from the file's geometry (ours, CLAM's or TRIDENT's), else ``override``."""
+    from features.layouts import level0_patch_size
+
+    return level0_patch_size(features_file, override)
 
 
 def slide_truth(slide_id: str, coords: np.ndarray, scores: np.ndarray, size_level0: int,
@@ -113,7 +112,8 @@ def _mean(values) -> float | None:
 
 def evaluate_patches(scores_folder: str | Path, features_folder: str | Path, annotations_folder: str | Path,
                      slide_labels: dict[str, int], min_overlap: float = 0.5, top_k: int = 10,
-                     score: str = "instance", slide_ids: set[str] | None = None) -> dict[str, Any]:
+                     score: str = "instance", slide_ids: set[str] | None = None,
+                     size_level0: int | None = None) -> dict[str, Any]:
     """The ``patch`` section of metrics.json for every slide with patch scores (optionally a subset)."""
     from features.annotations import find_annotation
 
@@ -132,7 +132,7 @@ def evaluate_patches(scores_folder: str | Path, features_folder: str | Path, ann
             skipped[slide_id] = "no features file (needed for the patch geometry)"
             continue
         coords, values = read_patch_scores(path, score)
-        truth = slide_truth(slide_id, coords, values, patch_size_level0(feature_files[slide_id]),
+        truth = slide_truth(slide_id, coords, values, patch_size_level0(feature_files[slide_id], size_level0),
                             find_annotation(annotations_folder, slide_id), slide_labels.get(slide_id), min_overlap)
         if truth is None:
             skipped[slide_id] = "positive or unlabelled slide without annotations"
