@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "heatmap": ("mil.evaluation.heatmap:main", "PNG overlays of patch scores on slide thumbnails"),
     "mine": ("mil.mining.cli:main", "pseudo-labels and hard negatives from a model's patch scores"),
     "hnm": ("mil.mining.loop:main", "the full hard-negative mining loop, resumable, for N rounds"),
+    "view": ("mil.viewer.cli:main", "a local web viewer: slides, heatmaps and mined patches, round by round"),
 }
 
 
