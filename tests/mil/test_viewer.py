@@ -217,7 +217,7 @@ def test_browser_opens_a_slide_toggles_the_overlay_and_flies_to_a_patch(server, 
         settle(driver)
         without = np.asarray(Image.open(io.BytesIO(viewer.screenshot_as_png)).convert("RGB"), dtype=float)
         changed = np.abs(with_overlay - without).max(axis=2) > 40
-        assert changed.mean() > 0.01, changed.mean()  # the heatmap really was drawn, and really went away
+        assert changed.mean() > 0.05, changed.mean()  # the heatmap really was drawn, and really went away
         driver.find_element("id", "overlay-toggle").click()
 
         figures = driver.find_elements("css selector", "#gallery-topk figure")

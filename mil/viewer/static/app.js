@@ -50,7 +50,7 @@ function renderList() {
 function makeViewer(id) {
   return OpenSeadragon({ id, prefixUrl: "/static/openseadragon/images/", drawer: "canvas",
                          imageSmoothingEnabled: false, showNavigator: id === "viewer-main",
-                         animationTime: 0.5, maxZoomPixelRatio: 4, visibilityRatio: 0.5 });
+                         autoHideControls: false, animationTime: 0.5, maxZoomPixelRatio: 4, visibilityRatio: 0.5 });
 }
 
 function heatmapUrl(sourceKey) {
