@@ -105,7 +105,8 @@ def settle(driver, timeout: float = 30.0) -> None:
 
 
 def screenshot(out: Path, run: str, slides: str, hnm: str | None = None, annotations: str | None = None,
-               slide: str | None = None) -> Path:
+               slide: str | None = None, scale: str = "probability", compare: bool = False,
+               fly: bool = True) -> Path:
     """The README screenshot: the viewer on a slide with the heatmap, marks and galleries."""
     args = ["--run", run, "--slides", slides]
     args += ["--hnm", hnm] if hnm else []
@@ -116,7 +117,13 @@ def screenshot(out: Path, run: str, slides: str, hnm: str | None = None, annotat
         if not slide:
             driver.find_element("css selector", "#slide-table tbody tr").click()
         settle(driver)
-        driver.find_element("css selector", "#gallery-topk figure").click()
+        if scale != "probability":
+            driver.execute_script(f"const s = document.getElementById('scale'); s.value = '{scale}';"
+                                  "s.dispatchEvent(new Event('change'));")
+        if compare:
+            driver.find_element("id", "compare").click()
+        if fly:
+            driver.find_element("css selector", "#gallery-topk figure").click()
         settle(driver)
         out.parent.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(out))
@@ -132,6 +139,9 @@ if __name__ == "__main__":
     parser.add_argument("--hnm")
     parser.add_argument("--annotations")
     parser.add_argument("--slide")
+    parser.add_argument("--scale", default="probability", choices=["probability", "rank"])
+    parser.add_argument("--compare", action="store_true", help="round 0 beside the last round")
+    parser.add_argument("--no_fly", action="store_true", help="do not fly to the first top-k patch")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "img" / "viewer.png")
     a = parser.parse_args()
-    print(screenshot(a.out, a.run, a.slides, a.hnm, a.annotations, a.slide))
+    print(screenshot(a.out, a.run, a.slides, a.hnm, a.annotations, a.slide, a.scale, a.compare, not a.no_fly))

@@ -89,6 +89,7 @@ class Catalog:
     threshold: float
     threshold_source: str
     features_override: Path | None = None
+    patch_sizes: dict[str, int] = field(default_factory=dict)  # filled on first use, per slide
 
     def source(self, key: str) -> Source:
         if key not in self.sources:
@@ -152,14 +153,10 @@ def _config_labels(run: Path) -> pd.DataFrame:
     return table if "slide_id" in table.columns else pd.DataFrame()
 
 
-_PATCH_SIZES: dict[tuple[int, str], int] = {}
-
-
 def _patch_size(catalog: Catalog, slide_id: str) -> int:
     """The patch side in level-0 pixels: from the scores file, else the features store (ours, CLAM, TRIDENT)."""
-    cache_key = (id(catalog), slide_id)
-    if cache_key in _PATCH_SIZES:
-        return _PATCH_SIZES[cache_key]
+    if slide_id in catalog.patch_sizes:
+        return catalog.patch_sizes[slide_id]
     candidates = [catalog.source(k).files[slide_id] for k in catalog.sources_of(slide_id)]
     folders = [catalog.features_override] if catalog.features_override else []
     for key in catalog.sources_of(slide_id):
@@ -174,7 +171,7 @@ def _patch_size(catalog: Catalog, slide_id: str) -> int:
     for path in candidates:
         size = _size_from_attrs(path, catalog.slides[slide_id].path)
         if size:
-            _PATCH_SIZES[cache_key] = size
+            catalog.patch_sizes[slide_id] = size
             return size
     raise InputError(f"{slide_id}: no patch size found in its patch scores or features store; pass the feature "
                      "folder the run used with --features")

@@ -78,8 +78,14 @@ def mined(catalog: Catalog, slide_id: str) -> list[dict[str, Any]]:
 
 
 def _finite(value: Any) -> Any:
-    """JSON-safe: NaN/inf become null."""
-    return json.loads(json.dumps(value, default=str).replace("NaN", "null").replace("Infinity", "null"))
+    """JSON-safe: NaN and infinities become None, recursively."""
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
 
 
 def annotation_outlines(folder: Path | None, slide_id: str, tolerance: float = 0.0) -> dict[str, list[list[list[float]]]]:

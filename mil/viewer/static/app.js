@@ -113,11 +113,11 @@ function drawMarks(view) {
 
 function refreshView(view) { setHeatmap(view); drawMarks(view); }
 
-function openView(name, sourceKey) {
+function openView(name, sourceKey, then = null) {
   const view = views[name];
   view.sourceKey = sourceKey;
   view.opened = false;
-  view.viewer.addOnceHandler("open", () => { view.opened = true; refreshView(view); });
+  view.viewer.addOnceHandler("open", () => { view.opened = true; refreshView(view); if (then) then(); });
   view.viewer.open(`/slides/${encodeURIComponent(state.slide)}.dzi`);
 }
 
@@ -164,13 +164,21 @@ function updateCompare() {
   $("box-compare").hidden = !on;
   if (!on || !round) { $("title-main").textContent = titleOf(state.source); return; }
   const first = state.detail.rounds[0];
-  if (!views.compare) views.compare = { viewer: makeViewer("viewer-compare") };
+  if (!views.compare) {
+    views.compare = { viewer: makeViewer("viewer-compare") };
+    syncViews(views.main, views.compare);
+    syncViews(views.compare, views.main);
+  }
   // Side by side: round 0 on the left, the chosen round on the right, one navigation for both.
   views.main.sourceKey = first.has_scores ? first.source : state.source;
   $("title-main").textContent = titleOf(views.main.sourceKey);
   $("title-compare").textContent = titleOf(round.has_scores ? round.source : state.source);
   refreshView(views.main);
-  openView("compare", round.has_scores ? round.source : state.source);
+  // Both panes just changed size: start them together from the whole slide once the second one is open.
+  openView("compare", round.has_scores ? round.source : state.source, () => setTimeout(() => {
+    views.main.viewer.viewport.goHome(true);
+    views.compare.viewer.viewport.fitBounds(views.main.viewer.viewport.getBounds(true), true);
+  }, 100));
 }
 
 function syncViews(from, to) {
@@ -292,11 +300,6 @@ async function start() {
   renderList();
   const first = new URLSearchParams(location.search).get("slide");
   if (first && state.slides.some((s) => s.slide_id === first)) openSlide(first);
-  setInterval(() => {  // wire the side-by-side sync once the second viewer exists
-    if (views.compare && !views.compare.synced) {
-      syncViews(views.main, views.compare); syncViews(views.compare, views.main); views.compare.synced = true;
-    }
-  }, 250);
 }
 
 document.addEventListener("DOMContentLoaded", start);
