@@ -134,8 +134,11 @@ def _config_features(run: Path) -> list[Path]:
                 features = ((yaml.safe_load(path.read_text()) or {}).get("data") or {}).get("features")
             except yaml.YAMLError:
                 features = None
-            if features and Path(features).is_dir():
-                found.append(Path(features))
+            # Relative paths in a resolved config are relative to where the run was started, or to the run.
+            for folder in ([Path(features), run / features] if features else []):
+                if folder.is_dir():
+                    found.append(folder)
+                    break
     return found
 
 
@@ -206,7 +209,9 @@ def _run_source(run: Path) -> Source:
         raise InputError(f"--run {run}: run directory not found; pass the folder `mil test|predict` wrote")
     source = Source("run", f"run {run.name}", [run]).load()
     if not source.files:
-        raise InputError(f"--run {run}: no {PATCH_SCORES_DIR}/*.h5; run `mil test` or `mil predict` for this run first")
+        hint = f"; for a mining round pass {run / 'mil'} and --hnm {run.parent}" if ROUND_DIR.match(run.name) else ""
+        raise InputError(f"--run {run}: no {PATCH_SCORES_DIR}/*.h5; run `mil test` or `mil predict` for this run "
+                         f"first{hint}")
     return source
 
 

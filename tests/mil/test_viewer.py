@@ -219,6 +219,12 @@ def test_browser_opens_a_slide_toggles_the_overlay_and_flies_to_a_patch(server, 
         changed = np.abs(with_overlay - without).max(axis=2) > 40
         assert changed.mean() > 0.05, changed.mean()  # the heatmap really was drawn, and really went away
         driver.find_element("id", "overlay-toggle").click()
+        settle(driver)
+        driver.execute_script("const s = document.getElementById('scale'); s.value = 'rank';"
+                              "s.dispatchEvent(new Event('change'));")
+        settle(driver)
+        ranked = np.asarray(Image.open(io.BytesIO(viewer.screenshot_as_png)).convert("RGB"), dtype=float)
+        assert (np.abs(ranked - with_overlay).max(axis=2) > 40).mean() > 0.01  # the colour scale is applied
 
         figures = driver.find_elements("css selector", "#gallery-topk figure")
         assert len(figures) == 12
@@ -237,6 +243,9 @@ def test_browser_opens_a_slide_toggles_the_overlay_and_flies_to_a_patch(server, 
         # Mining rounds: galleries of mined patches, quality, and round 0 beside round 1.
         assert not driver.find_element("id", "rounds-panel").get_attribute("hidden")
         assert "lookalike_enrichment" in driver.find_element("id", "quality").text
+        mined = driver.find_elements("css selector", "#gallery-positive figure, #gallery-hard_negative figure")
+        marks = driver.find_elements("css selector", "#viewer-main svg.marks .positive, #viewer-main svg.marks .hard_negative")
+        assert len(mined) == len(marks) == 3  # this training slide's three mined patches, in the gallery and on it
         driver.find_element("id", "compare").click()
         settle(driver)
         assert driver.find_element("id", "box-compare").is_displayed()
