@@ -103,10 +103,7 @@ def create_app(catalog: Catalog, tiles: SlideTiles | None = None, top_k: int = T
 
     @app.get("/api/slides/<slide_id>/patch/<int:x>_<int:y>.jpg")
     def patch(slide_id: str, x: int, y: int) -> Response:
-        slide_or_404(slide_id)
-        selected = any(((t["x"] == x) & (t["y"] == y)).any() for r in catalog.rounds
-                       if len(t := catalog.selection(slide_id, r)))
-        if not (selected or catalog.known_patch(slide_id, x, y)):
+        if not catalog.known_patch(slide_or_404(slide_id), x, y):
             abort(404)
         try:
             data = tiles.patch(slide_id, x, y, catalog.patch_size_level0(slide_id))

@@ -104,10 +104,15 @@ class Catalog:
         return _read_scores(self.source(key).files[slide_id])
 
     def known_patch(self, slide_id: str, x: int, y: int) -> bool:
-        """True when some source scored a patch at (x, y): the only positions a patch thumbnail may show."""
+        """True when some source scored, or some round mined, a patch at (x, y): the only positions a patch
+        thumbnail may show."""
         for key in self.sources_of(slide_id):
             coords, _ = self.scores(slide_id, key)
             if bool(((coords[:, 0] == x) & (coords[:, 1] == y)).any()):
+                return True
+        for round_ in self.rounds:
+            table = self.selection(slide_id, round_)
+            if len(table) and bool(((table["x"] == x) & (table["y"] == y)).any()):
                 return True
         return False
 
