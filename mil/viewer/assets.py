@@ -11,6 +11,7 @@ images and its licence are unpacked into ``mil/viewer/static/openseadragon/`` (i
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -30,10 +31,10 @@ SCRIPT = TARGET / "openseadragon.min.js"
 FETCH_HINT = "run `python -m mil.viewer.assets` (needs npm; `make install` does it)"
 
 
-def installed() -> bool:
+def installed(target: Path = TARGET) -> bool:
     """True when the pinned OpenSeadragon build is unpacked beside the page."""
-    stamp = TARGET / "VERSION"
-    return SCRIPT.is_file() and stamp.is_file() and stamp.read_text().strip() == OPENSEADRAGON_VERSION
+    stamp = target / "VERSION"
+    return (target / SCRIPT.name).is_file() and stamp.is_file() and stamp.read_text().strip() == OPENSEADRAGON_VERSION
 
 
 def fetch(target: Path = TARGET) -> Path:
@@ -62,11 +63,25 @@ def fetch(target: Path = TARGET) -> Path:
                 destination.parent.mkdir(parents=True, exist_ok=True)
                 destination.write_bytes(archive.extractfile(member).read())
         (staging / "VERSION").write_text(OPENSEADRAGON_VERSION + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(staging), target)
+        _publish(staging, target)
     return target
+
+
+def _publish(staging: Path, target: Path) -> None:
+    """Move the unpacked folder into place by rename, so a page never sees a half-written copy; when another
+    process got there first with the same version, keep its copy."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    landing = target.parent / f".{target.name}-{os.getpid()}"
+    shutil.move(str(staging), landing)
+    try:
+        if target.exists() and not installed(target):
+            shutil.rmtree(target)  # an older version
+        os.rename(landing, target)
+    except OSError:
+        if not installed(target):
+            raise
+    finally:
+        shutil.rmtree(landing, ignore_errors=True)
 
 
 def _wanted(member: str) -> str | None:

@@ -83,6 +83,10 @@ def write_round(folder: Path, store: Path, labels: pd.DataFrame, annotations: Pa
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory) -> dict[str, Path]:
+    from mil.viewer import assets
+
+    if not assets.installed():  # `make install` fetches it; a checkout tested without it fetches it here (npm)
+        assets.fetch()
     root = tmp_path_factory.mktemp("viewer")
     write_cohort(root / "cohort", config_from("tiny", n_slides=4, width=1024, height=768), progress=False)
     store = root / "store"
@@ -331,3 +335,15 @@ def test_rank_scale_and_clam_geometry(cohort, tmp_path):
     catalog = build_catalog(run, cohort["slides"], features=tmp_path / "clam")
     assert list(catalog.slides) == [slide_id] and catalog.patch_size_level0(slide_id) == 64
     assert catalog.slides[slide_id].score is None and catalog.threshold == 0.5
+
+
+def test_openseadragon_comes_from_npm_and_its_integrity_is_checked(tmp_path, monkeypatch):
+    from features.errors import InputError
+    from mil.viewer import assets
+
+    target = assets.fetch(tmp_path / "osd")
+    assert assets.installed(target) and "Redistribution" in (target / "LICENSE.txt").read_text()  # BSD-3-Clause
+    monkeypatch.setattr(assets, "OPENSEADRAGON_INTEGRITY", "sha512-not-the-recorded-one")
+    with pytest.raises(InputError, match="integrity"):
+        assets.fetch(tmp_path / "tampered")
+    assert not (tmp_path / "tampered").exists()
