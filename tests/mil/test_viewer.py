@@ -261,16 +261,6 @@ def test_browser_opens_a_slide_toggles_the_overlay_and_flies_to_a_patch(server, 
         assert Image.open(tmp_path / "viewer.png").size[0] > 1000
 
 
-def test_sigterm_stops_the_server(cohort):
-    with serve(view_args(cohort, hnm=False)) as (url, process):
-        assert "127.0.0.1" in url
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=20) == 0
-        assert "stopped" in process.stdout.read()
-        with pytest.raises(OSError):
-            urllib.request.urlopen(url + "api/config", timeout=2)
-
-
 def test_bad_input_is_one_line_and_exit_2_before_serving(cohort, tmp_path, capsys):
     base = view_args(cohort, hnm=False)
     write_tiny_slide(tmp_path / "unscored" / "other_slide.tiff")
@@ -347,3 +337,14 @@ def test_openseadragon_comes_from_npm_and_its_integrity_is_checked(tmp_path, mon
     with pytest.raises(InputError, match="integrity"):
         assets.fetch(tmp_path / "tampered")
     assert not (tmp_path / "tampered").exists()
+
+
+def test_sigterm_stops_the_server(server):
+    """Last in this module: it stops the module's server (pytest-xdist never runs an earlier test after it)."""
+    url, process = server
+    assert url.startswith("http://127.0.0.1:")  # localhost unless --host says otherwise
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=20) == 0
+    assert "stopped" in process.stdout.read()
+    with pytest.raises(OSError):
+        urllib.request.urlopen(url + "api/config", timeout=2)
