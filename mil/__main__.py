@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "qupath": ("mil.evaluation.qupath:main", "GeoJSON for QuPath: every patch as a scored tile, the mined selection"),
     "mine": ("mil.mining.cli:main", "pseudo-labels and hard negatives from a model's patch scores"),
     "hnm": ("mil.mining.loop:main", "the full hard-negative mining loop, resumable, for N rounds"),
+    "view": ("mil.viewer.cli:main", "a local web viewer: slides, heatmaps and mined patches, round by round"),
 }
 
 
