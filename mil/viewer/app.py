@@ -127,6 +127,12 @@ def create_app(catalog: Catalog, tiles: SlideTiles | None = None, top_k: int = T
         body = overlays.qupath_download(catalog, slide_id, key, int(k))
         return _attachment(body, "application/geo+json", f"{slide_id}_{key}_top{k}.geojson")
 
+    @app.get("/download/<slide_id>/<key>/qupath_tiles.geojson")
+    def download_qupath_tiles(slide_id: str, key: str) -> Response:
+        source_or_404(slide_or_404(slide_id), key)
+        body = overlays.qupath_tiles_download(catalog, slide_id, key)
+        return _attachment(body, "application/geo+json", f"{slide_id}_{key}_tiles.geojson")
+
     if not (Path(STATIC) / "openseadragon" / "openseadragon.min.js").is_file():
         app.logger.warning("OpenSeadragon is missing: %s", FETCH_HINT)
     return app

@@ -20,7 +20,8 @@ from matplotlib import colormaps
 from PIL import Image
 from scipy.stats import rankdata
 
-from mil.evaluation.heatmap import COLOURMAP, absolute_values, paint, render, top_k_geojson
+from mil.evaluation.heatmap import COLOURMAP, absolute_values, paint, render
+from mil.evaluation.qupath import tiles_geojson, top_k_geojson
 from mil.viewer.catalog import KINDS, Catalog
 
 SCALES = ("probability", "rank")
@@ -126,3 +127,9 @@ def qupath_download(catalog: Catalog, slide_id: str, key: str, k: int) -> bytes:
     coords, values = catalog.scores(slide_id, key)
     collection = top_k_geojson(coords, values, catalog.patch_size_level0(slide_id), k, slide_id, "instance")
     return json.dumps(collection, indent=1).encode()
+
+
+def qupath_tiles_download(catalog: Catalog, slide_id: str, key: str) -> bytes:
+    """Every scored patch as a QuPath tile with its tumor score (``mil qupath``'s format): colour by measurement."""
+    coords, values = catalog.scores(slide_id, key)
+    return json.dumps(tiles_geojson(coords, values, catalog.patch_size_level0(slide_id), slide_id)).encode()

@@ -170,6 +170,11 @@ def test_routes_serve_tiles_heatmaps_and_downloads(server, cohort):
     status, geojson, _ = get(url + f"download/{tumor_id}/{round_key}/qupath.geojson?k=5")
     features = json.loads(geojson)["features"]
     assert status == 200 and len(features) == 5 and features[0]["properties"]["objectType"] == "detection"
+    status, geojson, _ = get(url + f"download/{tumor_id}/{round_key}/qupath_tiles.geojson")
+    tiles = json.loads(geojson)["features"]
+    assert status == 200 and {t["properties"]["objectType"] for t in tiles} == {"tile"}
+    coords, _ = read_coords(find_feature_files(cohort["root"] / "store" / "coords")[tumor_id])
+    assert len(tiles) == len(coords) > 5  # every patch of the slide, not the top k
 
 
 def test_requests_outside_the_catalogue_are_refused(server, cohort):

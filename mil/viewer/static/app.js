@@ -234,7 +234,9 @@ function renderDownloads() {
   const heat = make("a", { href: `/download/${id}/${key}/heatmap.png`, download: "" }, "heatmap PNG");
   const qupath = make("a", { href: `/download/${id}/${key}/qupath.geojson?k=${state.config.top_k}`, download: "" },
                       `QuPath GeoJSON (top ${state.config.top_k})`);
-  $("downloads").replaceChildren(make("h2", {}, "downloads"), heat, qupath);
+  const tiles = make("a", { href: `/download/${id}/${key}/qupath_tiles.geojson`, download: "" },
+                     "QuPath tiles (every patch, tumor score)");
+  $("downloads").replaceChildren(make("h2", {}, "downloads"), heat, qupath, tiles);
 }
 
 function flyTo(patch) {
