@@ -23,6 +23,7 @@ BENCHMARKS = {
     "finetune": "Encoder fine-tuning on the mined selection vs on all patches",
     "loop": "One refresh of the mining loop vs round 0, over synthetic cohort seeds",
     "heads": "Patch-level heads on stored embeddings vs end-to-end fine-tuning",
+    "scale": "Cost of a round's MIL, scoring and mining stages as the cohort grows, extrapolated to Camelyon16",
 }
 
 
