@@ -24,6 +24,7 @@ BENCHMARKS = {
     "loop": "One refresh of the mining loop vs round 0, over synthetic cohort seeds",
     "heads": "Patch-level heads on stored embeddings vs end-to-end fine-tuning",
     "viewer": "`mil view` tile serving: cold and cached 224 px tiles, tiles/s with 8 concurrent clients",
+    "scale": "Cost of a round's MIL, scoring and mining stages as the cohort grows, extrapolated to Camelyon16",
 }
 
 

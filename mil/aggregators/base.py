@@ -40,6 +40,11 @@ class Aggregator(nn.Module):
         """An aggregator's own extra training term (DSMIL max-instance, CLAM clustering); None if it has none."""
         return None
 
+    def slide_logits(self, output: AggregatorOutput) -> Tensor:
+        """The logits that slide scores are read from; the trained ``output.logits`` unless a model publishes
+        another rule (DSMIL averages its two streams)."""
+        return output.logits
+
 
 def embedder(in_dim: int, hidden_dim: int, dropout: float) -> nn.Module:
     """The usual first layer of MIL models: project frozen embeddings to a smaller trainable space."""

@@ -87,7 +87,7 @@ class MILModule(LightningModule):
 
     def _results(self, batch: dict, output: AggregatorOutput) -> dict:
         """Per-slide probabilities and per-patch scores, detached on the CPU, for writing to the run directory."""
-        probs = self.probabilities(output.logits.detach()).cpu()
+        probs = self.probabilities(self.aggregator.slide_logits(output).detach()).cpu()
         return {
             "slide_id": batch["slide_id"],
             "label": batch["label"].cpu(),
