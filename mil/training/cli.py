@@ -148,8 +148,8 @@ class MILCLI(LightningCLI):
         if best.dirpath is None:  # derived here, never stored in config.yaml
             best.dirpath = str((root / CHECKPOINTS).resolve())
         trainer = super().instantiate_trainer(**kwargs)
-        if self.subcommand == "fit":
-            trainer.callbacks.append(last_epoch_checkpoint(Path(best.dirpath)))
+        # every subcommand: the callbacks that wrote a checkpoint are the ones that restore it (test saves nothing)
+        trainer.callbacks.append(last_epoch_checkpoint(Path(best.dirpath)))
         return trainer
 
     def before_fit(self) -> None:
@@ -328,6 +328,10 @@ def _run(subcommand: str, argv: list[str]) -> None:
     config_name = "config.yaml" if subcommand == "fit" else f"config_{subcommand}.yaml"
     # argv arrives explicitly from the `mil` dispatcher, which LightningCLI would otherwise warn about
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    # expected here, not news: test/predict write into another folder than the checkpoint's, and a resumed fit
+    # finds its own checkpoints
+    warnings.filterwarnings("ignore", message="The dirpath has changed from")
+    warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
     check_yaml_files(argv)
     try:
         MILCLI(
