@@ -29,6 +29,7 @@ import json
 import os
 import pickle
 import re
+import sys
 import warnings
 import zipfile
 from argparse import ArgumentError
@@ -351,6 +352,16 @@ def _run(subcommand: str, argv: list[str]) -> None:
         )
     except _AlreadyFinished as done:
         print(done)
+    finally:
+        finish_wandb()
+
+
+def finish_wandb() -> None:
+    """Close this command's W&B run: Lightning leaves it open, and a later command in the same process (the
+    ``mil hnm`` loop, ``mil cv``) would otherwise log into it and leave its own run folder without W&B files."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
 
 
 def fit(argv: list[str]) -> None:
