@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import NoReturn
 
 EXIT_BAD_INPUT = 2
@@ -30,7 +31,11 @@ def run_command(command: Callable[[], object]) -> int:
     try:
         command()
     except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (FileExistsError, NotADirectoryError) as error:  # e.g. --out names an existing file
+        print(f"error: {blocking_file(error.filename)}: exists and is not a folder; pass another --out or move "
+              "the file away", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted: finished files are kept; rerun the same command to resume", file=sys.stderr)
@@ -43,3 +48,21 @@ def run_command(command: Callable[[], object]) -> int:
         print(f"internal error: {type(error).__name__}: {error}", file=sys.stderr)
         return EXIT_INTERNAL
     return 0
+
+
+def one_line(error: InputError) -> str:
+    """The message alone, also when a DataLoader worker re-raised it wrapped in the worker's traceback."""
+    text = str(error).strip()
+    if "Original Traceback" not in text:
+        return text
+    last = text.splitlines()[-1]
+    return last.split(f"{type(error).__name__}: ", 1)[-1]
+
+
+def blocking_file(path: object) -> Path:
+    """The existing non-folder that sits where a folder (or a parent of one) was to be made."""
+    candidate = Path(str(path))
+    for parent in (candidate, *candidate.parents):
+        if parent.exists() and not parent.is_dir():
+            return parent
+    return candidate

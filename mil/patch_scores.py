@@ -59,4 +59,9 @@ def read_patch_scores(path: str | Path, score: str = "instance") -> tuple[np.nda
         raise InputError(f"{path}: cannot read patch scores ({error}); rerun `mil test` or `mil predict`") from None
     if len(coords) != len(values):
         raise InputError(f"{path}: {len(coords)} coords but {len(values)} {dataset}; rerun `mil test` or `mil predict`")
+    bad = np.flatnonzero(~np.isfinite(values))
+    if len(bad):
+        raise InputError(f"{path}: {dataset} row {bad[0]} is {values[bad[0]]} ({len(bad)} non-finite of {len(values)}); "
+                         "the model or its features are broken: check the features for NaN/Inf, retrain, and rerun "
+                         "`mil predict`")
     return coords, values

@@ -5,6 +5,10 @@ optional cache keeps whole bags in memory up to a byte budget (per worker proces
 number of patches per bag with a random subset drawn from torch's generator, which ``seed_everything`` seeds
 (per worker too), so runs repeat exactly. Batches of several bags are padded to the longest one with a boolean
 mask: ``True`` marks real patches, and every aggregator ignores the rest.
+
+Every read checks that the features it returns are finite (:func:`read_finite_bag`): one NaN or Inf row would
+otherwise turn the standardisation statistics, the loss and every score into NaN, and a run would "finish" with
+an AUC of 0. The check costs one ``np.isfinite`` over what is read anyway.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from features.store import count_patches, read_bag
+from features.errors import InputError
+from features.store import FeatureBag, count_patches, read_bag
 
 
 @dataclass(frozen=True)
@@ -77,14 +82,14 @@ class BagDataset(Dataset):
     def _read(self, item: BagItem) -> tuple[np.ndarray, np.ndarray]:
         cached = self.cache.get(item.slide_id)
         if cached is None and self.cache.budget > 0:
-            bag = read_bag(item.path, item.slide_id)
+            bag = read_finite_bag(item.path, item.slide_id)
             self.cache.put(item.slide_id, bag.features, bag.coords)
             cached = (bag.features, bag.coords)
         if cached is not None:
             rows = self._rows(len(cached[0]))
             return (cached[0], cached[1]) if rows is None else (cached[0][rows], cached[1][rows])
         rows = self._rows(count_patches(item.path)) if self.max_patches else None
-        bag = read_bag(item.path, item.slide_id, rows=rows)
+        bag = read_finite_bag(item.path, item.slide_id, rows=rows)
         return bag.features, bag.coords
 
     def _rows(self, n: int) -> np.ndarray | None:
@@ -92,6 +97,20 @@ class BagDataset(Dataset):
         if not self.max_patches or n <= self.max_patches:
             return None
         return np.sort(torch.randperm(n)[: self.max_patches].numpy())
+
+
+def read_finite_bag(path: Path, slide_id: str, rows: np.ndarray | None = None) -> FeatureBag:
+    """``read_bag``, refusing features that hold NaN or Inf with one line naming the file and the first bad row."""
+    bag = read_bag(path, slide_id, rows=rows)
+    finite = np.isfinite(bag.features)
+    if not finite.all():
+        bad = np.flatnonzero(~finite.all(axis=1))
+        first = int(bad[0] if rows is None else np.sort(np.asarray(rows))[bad[0]])
+        x, y = (int(v) for v in bag.coords[bad[0]])
+        raise InputError(f"{path}: features row {first} (patch at x={x}, y={y}) holds NaN or Inf"
+                         f"{f' ({len(bad)} bad rows in what was read)' if len(bad) > 1 else ''}; delete the file and "
+                         "rerun `features extract` for this slide, or drop the slide from the labels CSV")
+    return bag
 
 
 def collate_bags(items: list[dict]) -> dict:
@@ -179,7 +198,7 @@ def feature_statistics(items: list[BagItem], rows_per_bag: int = 256, seed: int 
     for item in items:
         n = count_patches(item.path)
         rows = np.sort(rng.choice(n, rows_per_bag, replace=False)) if n > rows_per_bag else None
-        values = read_bag(item.path, item.slide_id, rows=rows).features.astype(np.float64)  # only the sampled rows
+        values = read_finite_bag(item.path, item.slide_id, rows=rows).features.astype(np.float64)  # only the sampled rows
         total = values.sum(0) if total is None else total + values.sum(0)
         total_sq = (values**2).sum(0) if total_sq is None else total_sq + (values**2).sum(0)
         count += len(values)

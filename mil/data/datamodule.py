@@ -65,6 +65,7 @@ class MILDataModule(LightningDataModule):
             seed: Seed of the training samplers.
         """
         super().__init__()
+        self.save_hyperparameters()  # the data settings travel with every checkpoint and into the loggers
         if balanced_sampling and pair_batches:
             raise InputError("choose one of --data.balanced_sampling and --data.pair_batches")
         self.features = features
@@ -86,10 +87,10 @@ class MILDataModule(LightningDataModule):
     def table(self) -> pd.DataFrame:
         """slide_id, label, split, path, n_patches for every usable slide."""
         frame = read_labels(self.labels_csv, self.label_map)
+        split = split_of(frame, self.fold, self.labels_csv)  # on every row, so an error names the CSV's line
         files = find_feature_files(self.features)
         frame = match_features(frame, files, self.labels_csv, self.features, self.drop_missing)
-        frame = frame.assign(split=split_of(frame, self.fold, self.labels_csv).to_numpy(),
-                             path=[files[s] for s in frame.index])
+        frame = frame.assign(split=split.loc[frame.index].to_numpy(), path=[files[s] for s in frame.index])
         shapes = {s: _bag_shape(p) for s, p in zip(frame.index, frame["path"])}
         empty = [s for s, (n, _) in shapes.items() if n == 0]
         if empty:

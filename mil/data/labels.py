@@ -85,6 +85,11 @@ def split_of(frame: pd.DataFrame, fold: int | None, path: str | Path) -> pd.Seri
         have = ", ".join(split_columns(frame)) or "none"
         hint = "run `mil split` to add one" if not split_columns(frame) else f"split columns present: {have}"
         raise InputError(f"{path}: no {column!r} column for --data.fold {fold}; {hint}")
+    empty = frame.index[frame[column] == ""].tolist()
+    if empty:  # an empty cell would silently leave the slide out of every split
+        lines = [str(frame.index.get_loc(s) + 2) for s in empty]
+        raise InputError(f"{path}: empty {column} cell on line(s) {_few(lines)} (slide {_few(empty)}); write train, "
+                         "val or test there, or delete the row to leave the slide out")
     return frame[column]
 
 

@@ -19,6 +19,15 @@ from mil.data.bags import feature_statistics
 from mil.losses.bag import BagLoss
 
 
+def _built_from_config() -> bool:
+    """True while LightningCLI (or ``load_from_checkpoint`` of a CLI-made checkpoint) instantiates the module."""
+    try:
+        from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+    except ImportError:  # an older Lightning: no config-as-hyper-parameters; keep modules out of the checkpoint
+        return False
+    return _given_hyperparameters.get() is not None
+
+
 class MILModule(LightningModule):
     def __init__(self, aggregator: Aggregator, loss: BagLoss | None = None, lr: float = 2e-4,
                  weight_decay: float = 1e-4, scheduler: Literal["cosine", "none"] = "cosine", standardize: bool = True):
@@ -32,6 +41,10 @@ class MILModule(LightningModule):
             standardize: Z-score each feature dimension with training-split statistics (kept in the checkpoint).
         """
         super().__init__()
+        # Built by the CLI, the hyper-parameters are the config (class_path/init_args), so the checkpoint alone
+        # rebuilds the model (``MILModule.load_from_checkpoint(path)``) and the loggers record it; built in Python,
+        # the modules themselves are left out (the state dict already holds them, and pickles are never saved).
+        self.save_hyperparameters(ignore=[] if _built_from_config() else ["aggregator", "loss"])
         self.aggregator = aggregator
         self.loss = loss or BagLoss()
         self.lr, self.weight_decay, self.scheduler = lr, weight_decay, scheduler

@@ -220,3 +220,68 @@ def test_feature_statistics_come_from_the_given_bags_only(tmp_path) -> None:
     mean, std = feature_statistics([BagItem(p.stem, p, 0) for p in train], rows_per_bag=40)
     assert np.allclose(mean, [5, 0, 2], atol=[0.5, 3.0, 1e-6]) and np.allclose(std[:2], [1, 10], rtol=0.2)
     assert std[2] == 1e-6  # a constant dimension is not divided by zero
+
+
+def _poisoned_copy(folder: Path, out: Path, slide_id: str, rows: slice, value: float = np.nan) -> Path:
+    """A copy of a bag folder where ``rows`` of one slide's features are ``value`` (NaN or Inf)."""
+    shutil.copytree(folder, out)
+    with h5py.File(out / f"{slide_id}.h5", "r+") as h5:
+        features = h5["features"][:]
+        features[rows] = value
+        h5["features"][...] = features
+    return out
+
+
+def test_non_finite_features_are_refused_when_a_bag_is_read(cohort, tmp_path):
+    """Issue 9 case 4: a NaN/Inf row is named (file and row) on every read path, streamed, capped and cached."""
+    folder, _ = cohort
+    bad = _poisoned_copy(folder, tmp_path / "bad", "slide_003", slice(13, 20), np.inf)
+    item = BagItem("slide_003", bad / "slide_003.h5", 1)
+    for dataset in (BagDataset([item]), BagDataset([item], cache_bytes=10**6)):
+        with pytest.raises(InputError, match=r"slide_003\.h5: features row 13 \(patch at x=\d+, y=\d+\) holds NaN"):
+            dataset[0]
+    torch.manual_seed(0)
+    capped = BagDataset([item], max_patches=19)  # a sorted random subset: the row named is the file's row
+    with pytest.raises(InputError, match=r"slide_003\.h5: features row 1[3-9] "):
+        capped[0]
+    from mil.data.bags import feature_statistics
+
+    with pytest.raises(InputError, match=r"slide_003\.h5: features row 13 "):
+        feature_statistics([item])
+    fine = BagItem("slide_002", bad / "slide_002.h5", 0)
+    assert np.isfinite(BagDataset([fine])[0]["features"].numpy()).all()
+
+
+def test_non_finite_error_from_a_dataloader_worker_is_one_line(cohort, tmp_path, capsys):
+    from torch.utils.data import DataLoader
+
+    from features.errors import run_command
+
+    folder, _ = cohort
+    bad = _poisoned_copy(folder, tmp_path / "bad", "slide_001", slice(4, 5))
+    loader = DataLoader(BagDataset([BagItem("slide_001", bad / "slide_001.h5", 1)]), num_workers=1,
+                        collate_fn=collate_bags)
+    assert run_command(lambda: next(iter(loader))) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {bad / 'slide_001.h5'}: features row 4 ")
+
+
+def test_non_finite_patch_scores_are_refused(tmp_path):
+    from mil.patch_scores import read_patch_scores, write_patch_scores
+
+    coords = np.arange(8).reshape(4, 2)
+    good = write_patch_scores(tmp_path / "ok", "s1", coords, np.zeros(4))
+    assert read_patch_scores(good)[1].shape == (4,)
+    bad = write_patch_scores(tmp_path / "bad", "s1", coords, np.array([0.0, 1.0, np.nan, np.inf]))
+    with pytest.raises(InputError, match=r"s1\.h5: scores row 2 is nan \(2 non-finite of 4\)"):
+        read_patch_scores(bad)
+
+
+def test_empty_split_cell_is_refused_naming_the_row(cohort, tmp_path):
+    """Issue 9 case 7: an empty split cell used to drop the slide from every split without a word."""
+    folder, labels = cohort
+    lines = labels.read_text().splitlines()
+    lines[4] = lines[4].rsplit(",", 1)[0] + ","  # slide_003 loses its split
+    text = _labels(tmp_path / "empty.csv", lines)
+    message = _error("empty split cell", features=str(folder), labels=str(text))
+    assert str(text) in message and "line(s) 5" in message and "slide_003" in message
