@@ -1,6 +1,6 @@
 """The HNM loop on a tiny synthetic cohort: a real kill -9 and rerun give the uninterrupted run's output; a rerun
 with other settings is refused; every stage's settings are checked before the first stage; the round is chosen
-on validation, never on test."""
+on validation, never on test. The loop itself runs in one test (three processes), the rest in seconds."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from features.errors import InputError
 from features.synth.cohort import config_from, write_cohort
@@ -81,50 +82,51 @@ def outputs(out: Path) -> dict[str, object]:
     for name in ("selection.csv", "selection_quality.json", "mil/predictions_val.csv", "mil/predictions_test.csv"):
         for path in sorted(out.glob(f"round_*/{name}")):
             found[str(path.relative_to(out))] = path.read_bytes()
+    for path in sorted(out.glob("round_*/encoder.safetensors")):
+        found[str(path.relative_to(out))] = {k: v.numpy().tobytes() for k, v in load_file(path).items()}
     summary = pd.read_csv(out / loop.SUMMARY_NAME)
     found["summary"] = summary.drop(columns=[c for c in summary.columns if c.startswith("seconds_")]).to_csv()
     return found
 
 
-def test_kill_9_mid_stage_then_rerun_gives_the_uninterrupted_output(cohort, mil_config, tmp_path):
+def test_kill_9_rerun_matches_uninterrupted_run_and_other_settings_are_refused(cohort, mil_config, tmp_path,
+                                                                               capsys):
+    """Two rounds as three `mil hnm` processes: one uninterrupted, one killed with SIGKILL while round 1's slide
+    model trains, then the same command again. Then what the finished folder accepts and refuses."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "TQDM_DISABLE": "1"}
     command = [sys.executable, "-m", "mil", "hnm"]
-    reference, killed = tmp_path / "reference", tmp_path / "killed"
-    logs = {name: open(tmp_path / f"{name}.log", "w+") for name in ("reference", "victim")}  # noqa: SIM115
-    uninterrupted = subprocess.Popen([*command, *loop_argv(cohort, reference, 0, mil_config)], cwd=ROOT, env=env,
-                                     stdout=logs["reference"], stderr=subprocess.STDOUT)
-    victim = subprocess.Popen([*command, *loop_argv(cohort, killed, 0, mil_config)], cwd=ROOT, env=env,
+    out, killed = tmp_path / "run", tmp_path / "killed"
+    argv = loop_argv(cohort, out, 1, mil_config)
+    logs = {name: open(tmp_path / f"{name}.log", "w+") for name in ("uninterrupted", "victim")}  # noqa: SIM115
+    uninterrupted = subprocess.Popen([*command, *argv], cwd=ROOT, env=env, stdout=logs["uninterrupted"],
+                                     stderr=subprocess.STDOUT)
+    victim = subprocess.Popen([*command, *loop_argv(cohort, killed, 1, mil_config)], cwd=ROOT, env=env,
                               stdout=logs["victim"], stderr=subprocess.STDOUT)
-    fitting = killed / "round_0" / "mil"
-    while not fitting.is_dir() and victim.poll() is None:  # kill -9 once the slide model has begun training
+    fitting = killed / "round_1" / "mil"
+    while not fitting.is_dir() and victim.poll() is None:  # kill -9 once round 1's slide model has begun training
         time.sleep(0.02)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     assert victim.returncode == -signal.SIGKILL
-    assert (killed / "round_0" / ".extract.done").is_file() and not (killed / "round_0" / ".fit.done").exists()
+    assert (killed / "round_1" / ".extract.done").is_file() and not (killed / "round_1" / ".fit.done").exists()
 
-    rerun = subprocess.run([*command, *loop_argv(cohort, killed, 0, mil_config)], cwd=ROOT, env=env, text=True,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
+    rerun = subprocess.run([*command, *loop_argv(cohort, killed, 1, mil_config)], cwd=ROOT, env=env, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=900)
     assert rerun.returncode == 0, rerun.stdout[-3000:]
-    assert "[round_0] extract: done before, skipping" in rerun.stdout and "[round_0] fit ..." in rerun.stdout
-    uninterrupted.wait(timeout=600)
-    logs["reference"].seek(0)
-    assert uninterrupted.returncode == 0, logs["reference"].read()[-3000:]
-
-    expected, got = outputs(reference), outputs(killed)
-    assert any(key.endswith(":features") for key in expected) and "round_0/selection.csv" in expected
+    assert "[round_1] finetune: done before, skipping" in rerun.stdout and "[round_1] fit ..." in rerun.stdout
+    uninterrupted.wait(timeout=900)
+    logs["uninterrupted"].seek(0)
+    assert uninterrupted.returncode == 0, logs["uninterrupted"].read()[-3000:]
+    expected, got = outputs(out), outputs(killed)
+    assert {"round_0/selection.csv", "round_1/selection.csv", "round_1/encoder.safetensors"} <= set(expected)
+    assert sum(key.endswith(":features") for key in expected) == 2 * 8
     assert got.keys() == expected.keys()
     assert [key for key in expected if got[key] != expected[key]] == []
 
-
-def test_loop_refreshes_refuses_other_settings_and_resumes_same(cohort, mil_config, tmp_path, capsys):
-    out = tmp_path / "run"
-    argv = loop_argv(cohort, out, 1, mil_config)
-    assert hnm(argv, capsys)[0] == 0
+    # What the loop made, and the round chosen on validation.
     first, second = out / "round_0", out / "round_1"
     assert all((first / f".{stage}.done").is_file() for stage in ROUND0)
-    assert (first / "selection.csv").is_file() and (first / "selection_quality.json").is_file()
-    assert (second / "encoder.safetensors").is_file() and (second / ".finetune.done").is_file()
+    assert (first / "selection_quality.json").is_file() and (second / ".finetune.done").is_file()
     assert json.loads((second / "encoder.safetensors.json").read_text())["selection"] == str(first / "selection.csv")
     assert list((second / "features" / "features").iterdir())[0].name == "resnet10t-round1"
     table = pd.read_csv(out / loop.SUMMARY_NAME)
@@ -139,12 +141,14 @@ def test_loop_refreshes_refuses_other_settings_and_resumes_same(cohort, mil_conf
     assert finetune["settings"]["selection"] == "<out>/round_0/selection.csv"
     assert finetune["settings"]["trainer"]["max_steps"] == 2 and finetune["settings"]["encoder"]["weights"] is None
     assert set(finetune["inputs"]) == {"<out>/round_0/.mine.done", "<out>/round_0/selection.csv"}
+    assert json.loads((first / ".fit.done").read_text())["settings"]["trainer.max_epochs"] == "2"
     markers = {p: p.read_text() for p in out.glob("round_*/.*.done")}
 
-    # Other settings into the finished folder: one line naming the setting, nothing rerun or rewritten.
+    # Other settings into the finished folder: one line naming the setting; nothing rerun or rewritten.
     for change, named in ((["--encoder.seed", "1"], "encoder.seed"),
                           (["--tiling_options", json.dumps({"mpp": 1.0, "patch_size": 32})], "tiling_options.mpp"),
-                          (["--mining.neg_ratio", "0.3"], "mining.neg_ratio")):
+                          (["--mining.neg_ratio", "0.3"], "mining.neg_ratio"),
+                          (["--finetune_options", json.dumps({"trainer": {"max_steps": 3}})], "finetune_options")):
         code, err, _ = hnm([*argv, *change], capsys)
         assert code == 2 and named in err and "--overwrite true" in err and len(err.strip().splitlines()) == 1
     original = mil_config.read_text()
