@@ -28,30 +28,56 @@ from mil.mining.mine import MiningConfig
 
 @dataclass
 class Cohort:
-    slides: str  # slide folder or slides CSV
-    labels: str  # labels CSV with split (or fold_<k>) columns
-    annotations: str | None = None  # polygons: enables patch AUC and selection quality
+    """The slides the loop runs on.
+
+    Attributes:
+        slides: slide folder or slides CSV (``slide_id,path[,mpp]``).
+        labels: labels CSV with a ``split`` (or ``fold_<k>``) column.
+        annotations: folder of ASAP XML / GeoJSON polygons: enables patch AUC and selection quality.
+        fold: which ``fold_<k>`` column to use; None uses ``split``.
+    """
+
+    slides: str
+    labels: str
+    annotations: str | None = None
     fold: int | None = None
 
 
 @dataclass
 class HNMArgs:
-    """The loop's settings; each ``*_options`` section holds options of the command that stage runs."""
+    """The loop's settings; each ``*_options`` section holds options of the command that stage runs.
+
+    Attributes:
+        cohort: slides, labels, annotations, fold.
+        out: loop folder (``round_<r>/``, ``hnm_summary.csv``, ``hnm_config.yaml``).
+        rounds: refreshes after round 0 (round 0 .. round N); may grow between reruns of one folder.
+        overwrite: discard what an earlier loop left in ``out`` (rounds, summary, config) and start over.
+        encoder: the starting encoder (timm name, weights, seed); later rounds fine-tune it.
+        pretrain: SimCLR on the cohort before round 0 (``features pretrain``).
+        tiling_options: options of ``features tile`` (mpp, patch_size, tissue, ...); extraction uses them too.
+        extract_options: options of ``features extract`` (batch_size, num_workers, accelerator, precision, ...).
+        pretrain_options: options of ``features pretrain`` (data, optim, trainer, augment).
+        mil_config: ``mil fit`` YAML of the slide model.
+        mil_options: ``mil fit|predict`` options on top of ``mil_config`` (trainer, model, data, ...).
+        mining: ``mil mine`` settings (threshold, positive schedule, neg_ratio, twin test, seed).
+        finetune_options: options of ``features finetune`` (data, optim, trainer, phases, augment).
+        evaluate_options: options of ``mil evaluate`` (n_bootstrap, min_overlap, top_k, ...).
+    """
 
     cohort: Cohort
     out: str = "runs/hnm"
-    rounds: int = 1  # refreshes after round 0: round 0 .. round N
-    overwrite: bool = False  # discard what an earlier loop left in --out (rounds, summary, config) and start over
+    rounds: int = 1
+    overwrite: bool = False
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    pretrain: bool = False  # SimCLR on the cohort before round 0 (`features pretrain`)
-    tiling_options: dict[str, Any] = field(default_factory=dict)  # `features tile`: mpp, patch_size, tissue ...
-    extract_options: dict[str, Any] = field(default_factory=dict)  # `features extract`: batch_size, accelerator ...
-    pretrain_options: dict[str, Any] = field(default_factory=dict)  # `features pretrain`: data, optim, trainer ...
+    pretrain: bool = False
+    tiling_options: dict[str, Any] = field(default_factory=dict)
+    extract_options: dict[str, Any] = field(default_factory=dict)
+    pretrain_options: dict[str, Any] = field(default_factory=dict)
     mil_config: str = "configs/mil/abmil.yaml"
-    mil_options: dict[str, Any] = field(default_factory=dict)  # `mil fit|predict`: trainer, model, data ...
+    mil_options: dict[str, Any] = field(default_factory=dict)
     mining: MiningConfig = field(default_factory=MiningConfig)
-    finetune_options: dict[str, Any] = field(default_factory=dict)  # `features finetune`: data, optim, trainer
-    evaluate_options: dict[str, Any] = field(default_factory=dict)  # `mil evaluate`: n_bootstrap, min_overlap ...
+    finetune_options: dict[str, Any] = field(default_factory=dict)
+    evaluate_options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
