@@ -25,7 +25,8 @@ EPOCHS = 2  # both phases once; every variant runs whole epochs (no step cap) so
 
 
 def load_args(config: Path, out: Path, cohort: Path):
-    from mil.mining.loop import HNMArgs, parser
+    from features.options import from_values
+    from mil.mining.settings import HNMArgs
 
     values = yaml.safe_load(config.read_text())
     values["cohort"] = {"slides": str(cohort / "slides"), "labels": str(cohort / "labels.csv"),
@@ -33,11 +34,7 @@ def load_args(config: Path, out: Path, cohort: Path):
     values["out"] = str(out)
     values.setdefault("finetune_options", {}).setdefault("trainer", {}).update(
         {"max_epochs": EPOCHS, "limit_train_batches": 1.0})
-    p = parser()
-    namespace = p.parse_object(values)
-    namespace.pop("config", None)
-    parsed = p.instantiate_classes(namespace)
-    return HNMArgs(**{name: parsed[name] for name in HNMArgs.__dataclass_fields__})
+    return from_values(HNMArgs, values, str(config), "mil hnm")
 
 
 def ensure_cohort(folder: Path) -> Path:
@@ -49,7 +46,11 @@ def ensure_cohort(folder: Path) -> Path:
 
 
 def run(out_dir: Path, cohort: Path | None = None, neg_ratios: tuple[float, ...] = NEG_RATIOS) -> list[dict]:
-    from mil.mining.loop import round_paths, run_round
+    from mil.mining.loop import run_round as run_planned
+    from mil.mining.settings import plan_round, round_paths
+
+    def run_round(args, index: int) -> dict:
+        return run_planned(args, plan_round(args, index))
 
     out_dir = Path(out_dir)
     cohort = ensure_cohort(Path(cohort) if cohort else out_dir / "cohort")

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
-import typing
 from pathlib import Path
 
 import torch
-from jsonargparse import ActionConfigFile, ArgumentParser
 
 from features.extraction.distributed import Shard, default_threads, launch, manifest_for, merge_manifests
 from features.extraction.extract import ExtractOptions, SlideExtractor, Summary, TileOptions
 from features.extraction.extract import tile as tile_slides
+from features.options import parse
 from features.provenance import prepare_extraction, prepare_tiling
 from features.slides import list_slides
 from features.store import remove_stale_temporaries
@@ -21,46 +19,13 @@ from features.store import remove_stale_temporaries
 log = logging.getLogger(__name__)
 
 
-def parser_for(options: type, prog: str, description: str) -> ArgumentParser:
-    parser = ArgumentParser(prog=prog, description=description, default_env=False)
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of these options")
-    parser.add_class_arguments(options, fail_untyped=True, sub_configs=True)
-    return parser
-
-
-def bool_options(options: type, prefix: str = "--") -> set[str]:
-    """``--skip_errors``, ``--encoder.pretrained`` ...: every bool field, nested dataclasses included."""
-    names = set()
-    for name, hint in typing.get_type_hints(options).items():
-        if hint is bool:
-            names.add(prefix + name)
-        elif dataclasses.is_dataclass(hint):
-            names |= bool_options(hint, f"{prefix}{name}.")
-    return names
-
-
-def with_bare_flags(argv: list[str], flags: set[str]) -> list[str]:
-    """Let ``--skip_errors`` alone mean ``--skip_errors true`` (the usual shell idiom)."""
-    out: list[str] = []
-    for i, token in enumerate(argv):
-        out.append(token)
-        following = argv[i + 1] if i + 1 < len(argv) else "--"
-        if token in flags and following.startswith("--"):
-            out.append("true")
-    return out
-
-
-def parse(options: type, argv: list[str], prog: str, description: str):
-    parser = parser_for(options, prog, description)
-    config = parser.parse_args(with_bare_flags(list(argv), bool_options(options)))
-    config.pop("config", None)
-    return options(**parser.instantiate_classes(config).as_dict())
-
-
 def tile(argv: list[str]) -> None:
     """Find tissue and write patch coordinates (``<out>/coords/<slide_id>.h5``) plus inspection PNGs."""
+    run_tile(parse(TileOptions, argv, "features tile", tile.__doc__ or ""))
+
+
+def run_tile(opts: TileOptions) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    opts = parse(TileOptions, argv, "features tile", tile.__doc__ or "")
     prepare_tiling(opts)
     remove_stale_temporaries(Path(opts.out))
     start = time.perf_counter()
@@ -71,8 +36,11 @@ def tile(argv: list[str]) -> None:
 
 def extract(argv: list[str]) -> None:
     """Tile slides (or reuse coordinates) and embed every patch: ``<out>/features/<tag>/<slide_id>.h5``."""
+    run_extract(parse(ExtractOptions, argv, "features extract", extract.__doc__ or ""))
+
+
+def run_extract(opts: ExtractOptions) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    opts = parse(ExtractOptions, argv, "features extract", extract.__doc__ or "")
     refs = list_slides(opts.slides)
     result = launch(lambda shard: extract_shard(opts, refs, shard), opts.accelerator, opts.devices, opts.num_nodes)
     if result is not None:

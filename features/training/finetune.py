@@ -25,13 +25,14 @@ from torch.utils.data import DataLoader, Subset
 
 from features.encoders import EncoderConfig, file_sha256
 from features.errors import InputError
+from features.options import parse
 from features.provenance import recorded_encoder
 from features.selection import counts_by_kind, read_selection
 from features.training.augment import AugmentConfig
 from features.training.encoder_module import (ContrastiveEncoder, OptimConfig, TrainerSpec, check_not_collapsed,
                                               make_trainer)
 from features.training.patch_data import PHASES, Selected, ViewsDataset, phase_of, phase_order, selection_items, slide_refs
-from features.training.pretrain import parse, run_dir, view_transform
+from features.training.pretrain import run_dir, view_transform
 from features.training.weights import save_encoder_weights
 
 

@@ -14,14 +14,13 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import torch
-from jsonargparse import ActionConfigFile, ArgumentParser
 from torch.utils.data import DataLoader
 
 from features.encoders import EncoderConfig
+from features.options import parse
 from features.tiling import TilingConfig
 from features.training.augment import AugmentConfig, MultiView, histology_augment
 from features.training.encoder_module import (ContrastiveEncoder, OptimConfig, TrainerSpec, check_not_collapsed,
@@ -56,17 +55,6 @@ class PretrainArgs:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     tiling: TilingConfig = field(default_factory=TilingConfig)
     trainer: TrainerSpec = field(default_factory=TrainerSpec)
-
-
-def parse(cls: type, argv: list[str] | None, prog: str, doc: str) -> Any:
-    """Parse ``argv`` into dataclass ``cls`` (``--config file.yaml`` and dotted options from jsonargparse)."""
-    parser = ArgumentParser(prog=prog, description=doc.strip().splitlines()[0], default_env=False)
-    parser.add_argument("--config", action=ActionConfigFile)
-    parser.add_class_arguments(cls, as_positional=False, fail_untyped=False)
-    namespace = parser.parse_args(argv)
-    namespace.pop("config", None)
-    values = parser.instantiate_classes(namespace)
-    return cls(**{name: values[name] for name in cls.__dataclass_fields__})
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from jsonargparse import ArgumentParser, ActionConfigFile
 
 from features.errors import InputError
+from features.options import parse
 from features.selection import counts_by_kind, write_selection
 from features.store import coords_path, read_attrs
 from mil.mining.mine import MiningConfig, read_patch_scores, read_slide_labels, select_patches, training_patch_table
@@ -39,18 +39,8 @@ class MineArgs:
     mining: MiningConfig = field(default_factory=MiningConfig)
 
 
-def parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="mil mine", description=__doc__.splitlines()[0], default_env=False)
-    parser.add_argument("--config", action=ActionConfigFile)
-    parser.add_class_arguments(MineArgs, as_positional=False, fail_untyped=False)
-    return parser
-
-
 def main(argv: list[str] | None = None) -> None:
-    namespace = parser().parse_args(argv)
-    namespace.pop("config", None)
-    args = parser().instantiate_classes(namespace)
-    mine(MineArgs(**{k: args[k] for k in MineArgs.__dataclass_fields__}))
+    mine(parse(MineArgs, argv, "mil mine", __doc__ or ""))
 
 
 def mine(args: MineArgs) -> pd.DataFrame:

@@ -11,10 +11,15 @@ round r-1's selection (continuing from round r-1's weights), re-extracts, retrai
     DIR/round_<r>/mil/             `mil fit` run: checkpoints, predictions, metrics.json (val and test)
     DIR/round_<r>/mil_train/       `mil predict --data.predict_split train`: training patch scores
     DIR/round_<r>/selection.csv    mined from this round's model; fine-tunes round r+1's encoder
-    DIR/round_<r>/.<stage>.done    JSON written when a stage completed; a rerun skips that stage
+    DIR/round_<r>/.<stage>.done    JSON written when a stage completed: its settings and input hashes
+    DIR/hnm_config.yaml, hnm_inputs.json   the resolved loop config and its input files' content hashes
+    DIR/hnm_summary.csv            one row per round
 
-Every stage calls the same command function a user runs. A stage without its marker is redone from a clean
-state (a half-written run directory is removed first), so killing the loop anywhere and rerunning resumes.
+Every stage's settings are read into the typed options of its command before round 0 starts
+(:mod:`mil.mining.settings`), so a bad key anywhere stops the loop at once. A rerun into a folder made with
+other settings is refused (:mod:`mil.mining.provenance`); with the same settings it skips finished stages. A
+stage without its marker is redone from a clean state (a half-written run directory is removed first), so
+killing the loop anywhere and rerunning resumes.
 Models are chosen on validation only: the slide model by validation AUC within a round, the round by
 validation AUC across rounds; test numbers are reported, never used to choose.
 """
@@ -23,88 +28,55 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from jsonargparse import ActionConfigFile, ArgumentParser
 
-from features.encoders import EncoderConfig
 from features.errors import InputError
+from features.options import parse
 from features.store import atomic_path
-from mil.mining.mine import MiningConfig
+from mil.mining.provenance import FIX, SUMMARY_NAME, first_difference, fingerprint, prepare_folder
+from mil.mining.settings import HNMArgs, RoundPaths, RoundPlan, plan, round_paths
 
-SUMMARY_NAME = "hnm_summary.csv"
-
-
-@dataclass
-class Cohort:
-    slides: str  # slide folder or slides CSV
-    labels: str  # labels CSV with split (or fold_<k>) columns
-    annotations: str | None = None  # polygons: enables patch AUC and selection quality
-    fold: int | None = None
-
-
-@dataclass
-class HNMArgs:
-    """The loop's settings; ``*_options`` are passed through as ``--key value`` to the stage's command."""
-
-    cohort: Cohort
-    out: str = "runs/hnm"
-    rounds: int = 1  # refreshes after round 0: round 0 .. round N
-    encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    pretrain: bool = False  # SimCLR on the cohort before round 0 (`features pretrain`)
-    tiling_options: dict[str, Any] = field(default_factory=dict)  # features tile/extract: mpp, patch_size, tissue ...
-    extract_options: dict[str, Any] = field(default_factory=dict)  # features extract: batch_size, num_workers ...
-    pretrain_options: dict[str, Any] = field(default_factory=dict)  # features pretrain: data.*, trainer.* ...
-    mil_config: str = "configs/mil/abmil.yaml"
-    mil_options: dict[str, Any] = field(default_factory=dict)  # mil fit/predict: trainer.*, model.*, data.* ...
-    mining: MiningConfig = field(default_factory=MiningConfig)
-    finetune_options: dict[str, Any] = field(default_factory=dict)  # features finetune: data.*, optim.*, trainer.*
-    evaluate_options: dict[str, Any] = field(default_factory=dict)  # mil evaluate: n_bootstrap, min_overlap ...
-
-
-def options(values: dict[str, Any], prefix: str = "") -> list[str]:
-    """``{"trainer": {"max_epochs": 2}}`` -> ``["--trainer.max_epochs", "2"]`` (YAML/JSON spelling of values)."""
-    argv: list[str] = []
-    for key, value in values.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value and not name.endswith("model_kwargs") and not name.endswith("label_map"):
-            argv += options(value, f"{name}.")
-        else:
-            argv += [f"--{name}", _text(value)]
-    return argv
-
-
-def _text(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return "null"
-    if isinstance(value, (list, tuple, dict)):
-        return json.dumps(value)
-    return str(value)
+__all__ = ["HNMArgs", "SUMMARY_NAME", "main", "run", "write_summary"]
 
 
 class Stages:
-    """Runs named stages of one round, each at most once to completion, recording wall time in its marker."""
+    """Runs named stages of one round, each at most once to completion.
 
-    def __init__(self, round_dir: Path):
+    A stage's marker records the settings it ran with and content hashes of the files it read (upstream markers
+    included), with paths spelled relative to the loop (``<out>/...``, ``<cohort.labels>``). A marker that does
+    not match what the stage would run now is refused: its output was made another way.
+    """
+
+    def __init__(self, round_dir: Path, spell: Callable[[Any], Any]):
         self.round_dir = round_dir
+        self.spell = spell
         self.seconds: dict[str, float] = {}
 
     def marker(self, name: str) -> Path:
         return self.round_dir / f".{name}.done"
 
-    def run(self, name: str, body: Callable[[], None], partial: Path | None = None) -> None:
+    def run(self, name: str, body: Callable[[], object], settings: Any, inputs: Iterable[Path | str] = (),
+            partial: Path | None = None) -> None:
+        record = {"settings": self.spell(json.loads(json.dumps(settings, default=str))),
+                  "inputs": {self.spell(str(path)): fingerprint(str(path)) for path in inputs}}
         marker = self.marker(name)
         if marker.is_file():
-            self.seconds[name] = float(json.loads(marker.read_text()).get("seconds", math.nan))
+            stored = json.loads(marker.read_text())
+            difference = first_difference({key: stored.get(key) or {} for key in record}, record)
+            if difference:
+                key, old, new = difference
+                raise InputError(f"{marker}: stage {name} ran with other settings or inputs ({key} was {old!r}, now "
+                                 f"{new!r}); {FIX}")
+            self.seconds[name] = float(stored.get("seconds", math.nan))
             print(f"[{self.round_dir.name}] {name}: done before, skipping")
             return
         if partial is not None and partial.exists():
@@ -115,111 +87,72 @@ class Stages:
         seconds = time.perf_counter() - started
         self.seconds[name] = seconds
         with atomic_path(marker) as tmp:
-            tmp.write_text(json.dumps({"stage": name, "seconds": round(seconds, 3),
-                                       "finished": datetime.now(timezone.utc).isoformat()}) + "\n")
+            tmp.write_text(json.dumps({"stage": name, **record, "seconds": round(seconds, 3),
+                                       "finished": datetime.now(timezone.utc).isoformat()}, indent=1) + "\n")
 
 
-@dataclass
-class RoundPaths:
-    root: Path
+def spelling(args: HNMArgs) -> Callable[[Any], Any]:
+    """Paths as the loop names them, so a moved cohort or loop folder still matches its markers."""
+    names = {args.cohort.slides: "<cohort.slides>", args.cohort.labels: "<cohort.labels>",
+             args.cohort.annotations: "<cohort.annotations>", args.mil_config: "<mil_config>",
+             args.encoder.weights: "<encoder.weights>"}
+    names.pop(None, None)
+    out = str(Path(args.out))
 
-    @property
-    def store(self) -> Path:
-        return self.root / "features"
+    def spell(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {spell(k): spell(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [spell(v) for v in value]
+        if isinstance(value, str):
+            if value in names:
+                return names[value]
+            if value == out or value.startswith(out + os.sep):
+                return "<out>" + value[len(out):]
+        return value
 
-    @property
-    def encoder(self) -> Path:
-        return self.root / "encoder.safetensors"
-
-    @property
-    def mil(self) -> Path:
-        return self.root / "mil"
-
-    @property
-    def mil_train(self) -> Path:
-        return self.root / "mil_train"
-
-    @property
-    def selection(self) -> Path:
-        return self.root / "selection.csv"
-
-    def features(self, tag: str) -> Path:
-        return self.store / "features" / tag
+    return spell
 
 
-def round_paths(out: Path, index: int) -> RoundPaths:
-    return RoundPaths(out / f"round_{index}")
+def argv_settings(argv: list[str]) -> dict[str, str]:
+    """``["--trainer.max_epochs", "2", ...]`` -> ``{"trainer.max_epochs": "2"}``: a marker names what differs."""
+    return {key.removeprefix("--"): value for key, value in zip(argv[::2], argv[1::2])}
 
 
-def encoder_argv(encoder: EncoderConfig, weights: Path | str | None) -> list[str]:
-    argv = ["--encoder.name", encoder.name, "--encoder.seed", str(encoder.seed),
-            "--encoder.model_kwargs", json.dumps(encoder.model_kwargs)]
-    if encoder.input_size:
-        argv += ["--encoder.input_size", str(encoder.input_size)]
-    if weights:
-        argv += ["--encoder.weights", str(weights)]
-    elif encoder.pretrained:
-        argv += ["--encoder.pretrained", "true"]
-    return argv
-
-
-def run_round(args: HNMArgs, index: int) -> dict[str, Any]:
-    """All stages of one round; returns its summary row."""
-    from features.extraction.cli import extract, tile
-    from features.training import finetune, pretrain
+def run_round(args: HNMArgs, step: RoundPlan) -> dict[str, Any]:
+    """All stages of one round, each given its typed settings; returns the round's summary row."""
+    from features.extraction.cli import run_extract, run_tile
+    from features.training.finetune import finetune
+    from features.training.pretrain import pretrain
     from mil.evaluation.cli import main as evaluate
-    from mil.mining.cli import main as mine
+    from mil.mining.cli import mine
     from mil.training.cli import fit, predict
 
     out = Path(args.out)
-    here, first = round_paths(out, index), round_paths(out, 0)
+    here, first = step.paths, round_paths(out, 0)
     here.root.mkdir(parents=True, exist_ok=True)
-    stages = Stages(here.root)
-    cohort = args.cohort
-    fold = [] if cohort.fold is None else ["--data.fold", str(cohort.fold)]
-    tag = f"{args.encoder.name.replace('/', '_').replace(':', '_')}-round{index}"
+    stages = Stages(here.root, spelling(args))
+    done = lambda paths, name: paths.root / f".{name}.done"  # noqa: E731
 
-    if index == 0:
-        stages.run("tile", lambda: tile(["--slides", cohort.slides, "--out", str(first.store),
-                                         *options(args.tiling_options)]))
-        if args.pretrain:
-            stages.run("pretrain", lambda: pretrain.main([
-                "--slides", cohort.slides, "--coords", str(first.store), "--out", str(here.encoder),
-                *encoder_argv(args.encoder, args.encoder.weights), *options(args.pretrain_options)]))
-    else:
-        previous = round_paths(out, index - 1)
-        stages.run("finetune", lambda: finetune.main([
-            "--slides", cohort.slides, "--coords", str(previous.store), "--selection", str(previous.selection),
-            "--out", str(here.encoder), *encoder_argv(args.encoder, current_weights(args, out, index - 1)),
-            *options(args.finetune_options)]))
-    weights = current_weights(args, out, index)
-    stages.run("extract", lambda: extract([
-        "--slides", cohort.slides, "--out", str(here.store), "--coords", str(first.store / "coords"),
-        *encoder_argv(args.encoder, weights), "--encoder.tag", tag,
-        *options(args.tiling_options), *options(args.extract_options)]))
-    mil_data = ["--config", args.mil_config, *options(args.mil_options), "--data.features", str(here.features(tag)),
-                "--data.labels", cohort.labels, *fold]
-    stages.run("fit", lambda: fit([*mil_data, "--trainer.default_root_dir", str(here.mil)]), partial=here.mil)
-    stages.run("predict_train", lambda: predict([
-        *mil_data, "--data.predict_split", "train", "--trainer.default_root_dir", str(here.mil_train),
-        "--ckpt_path", best_checkpoint(here.mil)]), partial=here.mil_train)
-    annotations = ["--annotations", cohort.annotations, "--features", str(here.features(tag))] if cohort.annotations else []
-    stages.run("evaluate", lambda: evaluate(["--run", str(here.mil), *annotations, *options(args.evaluate_options)]))
-    mining = options(json.loads(json.dumps(asdict(args.mining))), "mining.")
-    quality = ["--annotations", cohort.annotations] if cohort.annotations else []
-    stages.run("mine", lambda: mine([
-        "--scores", str(here.mil_train), "--labels", cohort.labels, "--out", str(here.selection), "--round", str(index),
-        "--coords", str(first.store), "--features", str(here.features(tag)), *quality, *mining, *([] if cohort.fold is None else ["--fold", str(cohort.fold)])]))
-    return summary_row(index, here, stages.seconds)
-
-
-def current_weights(args: HNMArgs, out: Path, index: int) -> str | None:
-    """The encoder behind round ``index``: its own weights file, else the previous round's, else the start."""
-    for r in range(index, -1, -1):
-        path = round_paths(out, r).encoder
-        if path.is_file():
-            return str(path)
-    return args.encoder.weights
+    if step.tile is not None:
+        stages.run("tile", lambda: run_tile(step.tile), asdict(step.tile))
+    if step.pretrain is not None:
+        stages.run("pretrain", lambda: pretrain(step.pretrain), asdict(step.pretrain), [done(first, "tile")])
+    if step.finetune is not None:
+        previous = round_paths(out, step.index - 1)
+        start = [step.finetune.encoder.weights] if step.finetune.encoder.weights else []
+        stages.run("finetune", lambda: finetune(step.finetune), asdict(step.finetune),
+                   [done(previous, "mine"), previous.selection, *start])
+    upstream = [done(first, "tile"), *([done(here, "pretrain")] if step.pretrain is not None else []),
+                *([done(here, "finetune")] if step.finetune is not None else [])]
+    stages.run("extract", lambda: run_extract(step.extract), asdict(step.extract), upstream)
+    stages.run("fit", lambda: fit(step.fit), argv_settings(step.fit), [args.mil_config, done(here, "extract")],
+               partial=here.mil)
+    stages.run("predict_train", lambda: predict([*step.predict, "--ckpt_path", best_checkpoint(here.mil)]),
+               argv_settings(step.predict), [done(here, "fit")], partial=here.mil_train)
+    stages.run("evaluate", lambda: evaluate(step.evaluate), argv_settings(step.evaluate), [done(here, "fit")])
+    stages.run("mine", lambda: mine(step.mine), asdict(step.mine), [done(here, "predict_train"), done(here, "extract")])
+    return summary_row(step.index, here, stages.seconds)
 
 
 def best_checkpoint(run: Path) -> str:
@@ -277,30 +210,16 @@ def write_summary(out: Path, rows: list[dict[str, Any]]) -> pd.DataFrame:
     return table
 
 
-def parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="mil hnm", description=__doc__.strip().splitlines()[0], default_env=False)
-    parser.add_argument("--config", action=ActionConfigFile)
-    parser.add_class_arguments(HNMArgs, as_positional=False, fail_untyped=False)
-    return parser
-
-
 def main(argv: list[str] | None = None) -> None:
-    p = parser()
-    namespace = p.parse_args(argv)
-    namespace.pop("config", None)
-    values = p.instantiate_classes(namespace)
-    run(HNMArgs(**{name: values[name] for name in HNMArgs.__dataclass_fields__}))
+    run(parse(HNMArgs, argv, "mil hnm", __doc__ or ""))
 
 
 def run(args: HNMArgs) -> pd.DataFrame:
-    if args.rounds < 0:
-        raise InputError(f"--rounds {args.rounds}: use 0 (round 0 only) or more")
-    for path, what in ((args.cohort.labels, "labels CSV"), (args.mil_config, "MIL config")):
-        if not Path(path).is_file():
-            raise InputError(f"{path}: {what} not found")
+    """Check every stage's settings and the folder's provenance first, then run (or resume) the rounds."""
+    rounds = plan(args)
+    prepare_folder(args)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = [run_round(args, index) for index in range(args.rounds + 1)]
+    rows = [run_round(args, step) for step in rounds]
     table = write_summary(out, rows)
     with pd.option_context("display.width", 200, "display.max_columns", 40):
         print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))

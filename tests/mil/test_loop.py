@@ -1,30 +1,45 @@
-"""The HNM loop on a tiny synthetic cohort: every stage runs once, finished stages are skipped on rerun, and an
-interrupted stage is redone from a clean folder."""
+"""The HNM loop on a tiny synthetic cohort: a real kill -9 and rerun give the uninterrupted run's output; a rerun
+with other settings is refused; every stage's settings are checked before the first stage; the round is chosen
+on validation, never on test. The loop itself runs in one test (three processes), the rest in seconds."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import h5py
+import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
+from safetensors.torch import load_file
 
+from features.errors import InputError
 from features.synth.cohort import config_from, write_cohort
-from mil.mining import loop
+from mil.__main__ import main as mil_main
+from mil.mining import loop, provenance, settings
 
 torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parents[2]
 ROUND0 = ("tile", "extract", "fit", "predict_train", "evaluate", "mine")
 
 
-def loop_argv(cohort: Path, out: Path, rounds: int) -> list[str]:
+def loop_argv(cohort: Path, out: Path, rounds: int, mil_config: Path) -> list[str]:
     return [
         "--cohort.slides", str(cohort / "slides"), "--cohort.labels", str(cohort / "labels.csv"),
         "--cohort.annotations", str(cohort / "annotations"), "--out", str(out), "--rounds", str(rounds),
         "--encoder.name", "resnet10t",
         "--tiling_options", json.dumps({"mpp": 2.0, "patch_size": 32}),
         "--extract_options", json.dumps({"batch_size": 64, "num_workers": 0, "accelerator": "cpu"}),
-        "--mil_config", "configs/demo/mil_abmil.yaml",
+        "--mil_config", str(mil_config),
         "--mil_options", json.dumps({"trainer": {"max_epochs": 2, "logger": False}, "data": {"max_patches_train": 64}}),
         "--mining.neg_ratio", "0.2", "--mining.positives.start", "0.2",
         "--finetune_options", json.dumps({"data": {"batch_size": 8, "num_workers": 0},
@@ -41,41 +56,190 @@ def cohort(tmp_path_factory) -> Path:
     return root
 
 
-def test_loop_runs_resumes_and_redoes_interrupted_stages(cohort, tmp_path, capsys):
-    out = tmp_path / "run"
-    loop.main(loop_argv(cohort, out, rounds=0))
-    first = out / "round_0"
+@pytest.fixture
+def mil_config(tmp_path) -> Path:
+    """A copy of the demo MIL config whose content a test may change."""
+    path = tmp_path / "mil.yaml"
+    shutil.copy(ROOT / "configs/demo/mil_abmil.yaml", path)
+    return path
+
+
+def hnm(argv: list[str], capsys) -> tuple[int, str, str]:
+    """``mil hnm`` as a user runs it: exit code, stderr, stdout."""
+    code = mil_main(["hnm", *argv])
+    captured = capsys.readouterr()
+    return code, captured.err, captured.out
+
+
+def outputs(out: Path) -> dict[str, object]:
+    """Everything a round produces that must not depend on whether the loop was interrupted."""
+    found: dict[str, object] = {}
+    for h5 in sorted(out.glob("round_*/**/*.h5")):
+        with h5py.File(h5, "r") as handle:
+            for name, data in handle.items():
+                if isinstance(data, h5py.Dataset):
+                    found[f"{h5.relative_to(out)}:{name}"] = np.asarray(data[()]).tobytes()
+    for name in ("selection.csv", "selection_quality.json", "mil/predictions_val.csv", "mil/predictions_test.csv"):
+        for path in sorted(out.glob(f"round_*/{name}")):
+            found[str(path.relative_to(out))] = path.read_bytes()
+    for path in sorted(out.glob("round_*/encoder.safetensors")):
+        found[str(path.relative_to(out))] = {k: v.numpy().tobytes() for k, v in load_file(path).items()}
+    summary = pd.read_csv(out / loop.SUMMARY_NAME)
+    found["summary"] = summary.drop(columns=[c for c in summary.columns if c.startswith("seconds_")]).to_csv()
+    return found
+
+
+def test_kill_9_rerun_matches_uninterrupted_run_and_other_settings_are_refused(cohort, mil_config, tmp_path,
+                                                                               capsys):
+    """Two rounds as three `mil hnm` processes: one uninterrupted, one killed with SIGKILL while round 1's slide
+    model trains, then the same command again. Then what the finished folder accepts and refuses."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "TQDM_DISABLE": "1"}
+    command = [sys.executable, "-m", "mil", "hnm"]
+    out, killed = tmp_path / "run", tmp_path / "killed"
+    argv = loop_argv(cohort, out, 1, mil_config)
+    logs = {name: open(tmp_path / f"{name}.log", "w+") for name in ("uninterrupted", "victim")}  # noqa: SIM115
+    uninterrupted = subprocess.Popen([*command, *argv], cwd=ROOT, env=env, stdout=logs["uninterrupted"],
+                                     stderr=subprocess.STDOUT)
+    victim = subprocess.Popen([*command, *loop_argv(cohort, killed, 1, mil_config)], cwd=ROOT, env=env,
+                              stdout=logs["victim"], stderr=subprocess.STDOUT)
+    fitting = killed / "round_1" / "mil"
+    while not fitting.is_dir() and victim.poll() is None:  # kill -9 once round 1's slide model has begun training
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL
+    assert (killed / "round_1" / ".extract.done").is_file() and not (killed / "round_1" / ".fit.done").exists()
+
+    rerun = subprocess.run([*command, *loop_argv(cohort, killed, 1, mil_config)], cwd=ROOT, env=env, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=900)
+    assert rerun.returncode == 0, rerun.stdout[-3000:]
+    assert "[round_1] finetune: done before, skipping" in rerun.stdout and "[round_1] fit ..." in rerun.stdout
+    uninterrupted.wait(timeout=900)
+    logs["uninterrupted"].seek(0)
+    assert uninterrupted.returncode == 0, logs["uninterrupted"].read()[-3000:]
+    expected, got = outputs(out), outputs(killed)
+    assert {"round_0/selection.csv", "round_1/selection.csv", "round_1/encoder.safetensors"} <= set(expected)
+    assert sum(key.endswith(":features") for key in expected) == 2 * 8
+    assert got.keys() == expected.keys()
+    assert [key for key in expected if got[key] != expected[key]] == []
+
+    # What the loop made, and the round chosen on validation.
+    first, second = out / "round_0", out / "round_1"
     assert all((first / f".{stage}.done").is_file() for stage in ROUND0)
-    assert (first / "selection.csv").is_file() and (first / "selection_quality.json").is_file()
-    fit_marker = (first / ".fit.done").read_text()
-
-    loop.main(loop_argv(cohort, out, rounds=1))  # round 0 is skipped, round 1 fine-tunes and refreshes
-    assert (first / ".fit.done").read_text() == fit_marker
-    assert "[round_0] fit: done before, skipping" in capsys.readouterr().out
-    second = out / "round_1"
-    assert (second / "encoder.safetensors").is_file() and (second / ".finetune.done").is_file()
-    tuned = json.loads((second / "encoder.safetensors.json").read_text())
-    assert tuned["selection"] == str(first / "selection.csv")
+    assert (first / "selection_quality.json").is_file() and (second / ".finetune.done").is_file()
+    assert json.loads((second / "encoder.safetensors.json").read_text())["selection"] == str(first / "selection.csv")
     assert list((second / "features" / "features").iterdir())[0].name == "resnet10t-round1"
-
-    # A kill during predict_train: marker missing, a half-written folder left behind; the rerun redoes only it
-    # (and the stages after it), from a clean folder.
-    for stage in ("predict_train", "evaluate", "mine"):
-        (second / f".{stage}.done").unlink()
-    (second / "mil_train" / "junk.partial").write_text("half")
-    summary_before = json.loads((second / "mil" / "fit_summary.json").read_text())
-    loop.main(loop_argv(cohort, out, rounds=1))
-    printed = capsys.readouterr().out
-    assert "[round_1] finetune: done before, skipping" in printed and "[round_1] predict_train ..." in printed
-    assert not (second / "mil_train" / "junk.partial").exists()
-    assert json.loads((second / "mil" / "fit_summary.json").read_text()) == summary_before
-
     table = pd.read_csv(out / loop.SUMMARY_NAME)
     assert table["round"].tolist() == [0, 1]
     assert {"val_slide_auc", "test_patch_auc", "lookalike_enrichment", "seconds_finetune"} <= set(table.columns)
-    assert table["chosen_on_val"].sum() == 1
+    assert table.loc[table["chosen_on_val"], "round"].tolist() == [int(table["val_slide_auc"].idxmax())]
+
+    # The folder says what made it, and each marker says what its stage ran with.
+    config = yaml.safe_load((out / provenance.CONFIG_NAME).read_text())
+    assert config["encoder"]["name"] == "resnet10t" and config["finetune_options"]["trainer"]["max_steps"] == 2
+    finetune = json.loads((second / ".finetune.done").read_text())
+    assert finetune["settings"]["selection"] == "<out>/round_0/selection.csv"
+    assert finetune["settings"]["trainer"]["max_steps"] == 2 and finetune["settings"]["encoder"]["weights"] is None
+    assert set(finetune["inputs"]) == {"<out>/round_0/.mine.done", "<out>/round_0/selection.csv"}
+    assert json.loads((first / ".fit.done").read_text())["settings"]["trainer.max_epochs"] == "2"
+    markers = {p: p.read_text() for p in out.glob("round_*/.*.done")}
+
+    # Other settings into the finished folder: one line naming the setting; nothing rerun or rewritten.
+    for change, named in ((["--encoder.seed", "1"], "encoder.seed"),
+                          (["--tiling_options", json.dumps({"mpp": 1.0, "patch_size": 32})], "tiling_options.mpp"),
+                          (["--mining.neg_ratio", "0.3"], "mining.neg_ratio"),
+                          (["--finetune_options", json.dumps({"trainer": {"max_steps": 3}})], "finetune_options")):
+        code, err, _ = hnm([*argv, *change], capsys)
+        assert code == 2 and named in err and "--overwrite true" in err and len(err.strip().splitlines()) == 1
+    original = mil_config.read_text()
+    mil_config.write_text(original.replace("lr: 2.0e-3", "lr: 1.0e-3"))
+    code, err, _ = hnm(argv, capsys)
+    assert code == 2 and "mil_config changed" in err
+    mil_config.write_text(original)
+    assert {p: p.read_text() for p in out.glob("round_*/.*.done")} == markers
+
+    # Same settings: every stage is skipped, even with the cohort reached through another path.
+    moved = tmp_path / "cohort_link"
+    moved.symlink_to(cohort)
+    code, _, printed = hnm(loop_argv(moved, out, 1, mil_config), capsys)
+    assert code == 0 and printed.count("done before, skipping") == 2 * len(ROUND0)
+    assert not re.search(r"^\[round_\d\] \w+ \.\.\.$", printed, flags=re.MULTILINE)
+
+    # A stage whose input changed under it is not reused: round 1's fine-tuning read another selection.
+    selection = pd.read_csv(first / "selection.csv")
+    selection.iloc[:1].to_csv(first / "selection.csv", index=False)
+    code, err, _ = hnm(argv, capsys)
+    assert code == 2 and "round_1/.finetune.done" in err and "selection.csv" in err
+
+
+@pytest.mark.parametrize("section, value, named", [
+    ("--finetune_options", {"trainer": {"max_epochz": 2}}, "max_epochz"),
+    ("--tiling_options", {"mpp": 2.0, "patch_sise": 32}, "patch_sise"),
+    ("--extract_options", {"batch_size": "many"}, "batch_size"),
+    ("--mil_options", {"model": {"lrr": 0.1}}, "model.lrr"),
+    ("--evaluate_options", {"n_bootstrapp": 10}, "n_bootstrapp"),
+    ("--finetune_options", {"selection": "x.csv"}, "finetune_options.selection"),
+])
+def test_a_bad_key_anywhere_stops_the_loop_before_any_stage(cohort, mil_config, tmp_path, capsys, section, value,
+                                                            named):
+    out = tmp_path / "run"
+    code, err, _ = hnm([*loop_argv(cohort, out, 2, mil_config), section, json.dumps(value)], capsys)
+    assert code == 2 and named in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_gpu_config_on_a_machine_without_gpu_is_one_line(cohort, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, err, _ = hnm(["--config", str(ROOT / "configs/hnm/camelyon16.yaml"), "--out", str(tmp_path / "run"),
+                     "--cohort.slides", str(cohort / "slides"), "--cohort.labels", str(cohort / "labels.csv"),
+                     "--cohort.annotations", str(cohort / "annotations")], capsys)
+    assert code == 2 and "extract_options.accelerator" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_round_is_chosen_on_validation_auc_never_on_test(tmp_path):
+    rows = [{"round": 0, "val_slide_auc": 0.70, "test_slide_auc": 0.99},
+            {"round": 1, "val_slide_auc": 0.90, "test_slide_auc": 0.60},
+            {"round": 2, "val_slide_auc": 0.80, "test_slide_auc": 0.95}]
+    table = loop.write_summary(tmp_path, rows)
+    assert table["chosen_on_val"].tolist() == [False, True, False]
+    assert pd.read_csv(tmp_path / loop.SUMMARY_NAME)["chosen_on_val"].tolist() == [False, True, False]
+
+
+def test_stage_marker_made_with_other_settings_is_refused(tmp_path):
+    spell = loop.spelling(settings.HNMArgs(cohort=settings.Cohort(slides="s", labels="l"), out=str(tmp_path)))
+    ran = []
+    fit = ["--config", "l", "--trainer.max_epochs", "2"]
+    loop.Stages(tmp_path, spell).run("fit", lambda: ran.append(1), loop.argv_settings(fit))
+    loop.Stages(tmp_path, spell).run("fit", lambda: ran.append(2), loop.argv_settings(fit))
+    assert ran == [1]
+    assert json.loads((tmp_path / ".fit.done").read_text())["settings"]["config"] == "<cohort.labels>"
+    with pytest.raises(InputError, match=r"stage fit ran with other settings .*trainer.max_epochs was '2', now '3'"):
+        loop.Stages(tmp_path, spell).run("fit", lambda: ran.append(3), loop.argv_settings([*fit[:3], "3"]))
+    assert ran == [1]
+
+
+def test_overwrite_discards_earlier_rounds_and_keeps_other_files(cohort, tmp_path):
+    args = settings.HNMArgs(cohort=settings.Cohort(slides=str(cohort / "slides"), labels=str(cohort / "labels.csv")),
+                            out=str(tmp_path))
+    provenance.prepare_folder(args)
+    (tmp_path / "round_0").mkdir()
+    (tmp_path / "notes.txt").write_text("mine")
+    args.encoder.seed = 7
+    with pytest.raises(InputError, match="encoder.seed was 0, now 7"):
+        provenance.prepare_folder(args)
+    args.overwrite = True
+    provenance.prepare_folder(args)
+    assert not (tmp_path / "round_0").exists() and (tmp_path / "notes.txt").read_text() == "mine"
+    stored = yaml.safe_load((tmp_path / provenance.CONFIG_NAME).read_text())
+    assert stored["encoder"]["seed"] == 7 and stored["overwrite"] is False
+    (tmp_path / provenance.CONFIG_NAME).unlink()
+    (tmp_path / "round_0").mkdir()
+    args.overwrite = False
+    with pytest.raises(InputError, match="holds loop rounds but no hnm_config.yaml"):
+        provenance.prepare_folder(args)
 
 
 def test_options_flatten_nested_settings():
-    assert loop.options({"trainer": {"max_epochs": 2, "logger": False}, "model_kwargs": {"a": 1}, "x": None}) == [
+    assert settings.options({"trainer": {"max_epochs": 2, "logger": False}, "model_kwargs": {"a": 1}, "x": None}) == [
         "--trainer.max_epochs", "2", "--trainer.logger", "false", "--model_kwargs", '{"a": 1}', "--x", "null"]

@@ -1,0 +1,315 @@
+"""The mining loop's settings: typed per stage and checked before the first stage runs.
+
+``mil hnm`` reads one YAML file. Its ``*_options`` sections are read into the dataclass (or LightningCLI parser)
+of the command each stage runs, with that command's own checks, so a misspelt key or a wrong type in any
+section stops the loop at start-up in one line, not after a round of work. Every round's stage settings are
+planned up front as typed objects (:class:`RoundPlan`); the stages receive those objects, not argv strings,
+except ``mil fit|predict|evaluate``, whose command line is checked by the same parser that will read it.
+
+What a loop folder was made with is stored in it (:mod:`mil.mining.provenance`).
+"""
+
+from __future__ import annotations
+
+import json
+from argparse import ArgumentError
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from features.encoders import EncoderConfig
+from features.errors import InputError
+from features.extraction.extract import ExtractOptions, TileOptions
+from features.options import from_values
+from mil.mining.cli import MineArgs
+from mil.mining.mine import MiningConfig
+
+
+@dataclass
+class Cohort:
+    """The slides the loop runs on.
+
+    Attributes:
+        slides: slide folder or slides CSV (``slide_id,path[,mpp]``).
+        labels: labels CSV with a ``split`` (or ``fold_<k>``) column.
+        annotations: folder of ASAP XML / GeoJSON polygons: enables patch AUC and selection quality.
+        fold: which ``fold_<k>`` column to use; None uses ``split``.
+    """
+
+    slides: str
+    labels: str
+    annotations: str | None = None
+    fold: int | None = None
+
+
+@dataclass
+class HNMArgs:
+    """The loop's settings; each ``*_options`` section holds options of the command that stage runs.
+
+    Attributes:
+        cohort: slides, labels, annotations, fold.
+        out: loop folder (``round_<r>/``, ``hnm_summary.csv``, ``hnm_config.yaml``).
+        rounds: refreshes after round 0 (round 0 .. round N); may grow between reruns of one folder.
+        overwrite: discard what an earlier loop left in ``out`` (rounds, summary, config) and start over.
+        encoder: the starting encoder (timm name, weights, seed); later rounds fine-tune it.
+        pretrain: SimCLR on the cohort before round 0 (``features pretrain``).
+        tiling_options: options of ``features tile`` (mpp, patch_size, tissue, ...); extraction uses them too.
+        extract_options: options of ``features extract`` (batch_size, num_workers, accelerator, precision, ...).
+        pretrain_options: options of ``features pretrain`` (data, optim, trainer, augment).
+        mil_config: ``mil fit`` YAML of the slide model.
+        mil_options: ``mil fit|predict`` options on top of ``mil_config`` (trainer, model, data, ...).
+        mining: ``mil mine`` settings (threshold, positive schedule, neg_ratio, twin test, seed).
+        finetune_options: options of ``features finetune`` (data, optim, trainer, phases, augment).
+        evaluate_options: options of ``mil evaluate`` (n_bootstrap, min_overlap, top_k, ...).
+    """
+
+    cohort: Cohort
+    out: str = "runs/hnm"
+    rounds: int = 1
+    overwrite: bool = False
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    pretrain: bool = False
+    tiling_options: dict[str, Any] = field(default_factory=dict)
+    extract_options: dict[str, Any] = field(default_factory=dict)
+    pretrain_options: dict[str, Any] = field(default_factory=dict)
+    mil_config: str = "configs/mil/abmil.yaml"
+    mil_options: dict[str, Any] = field(default_factory=dict)
+    mining: MiningConfig = field(default_factory=MiningConfig)
+    finetune_options: dict[str, Any] = field(default_factory=dict)
+    evaluate_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RoundPaths:
+    root: Path
+
+    @property
+    def store(self) -> Path:
+        return self.root / "features"
+
+    @property
+    def encoder(self) -> Path:
+        return self.root / "encoder.safetensors"
+
+    @property
+    def mil(self) -> Path:
+        return self.root / "mil"
+
+    @property
+    def mil_train(self) -> Path:
+        return self.root / "mil_train"
+
+    @property
+    def selection(self) -> Path:
+        return self.root / "selection.csv"
+
+    def features(self, tag: str) -> Path:
+        return self.store / "features" / tag
+
+
+def round_paths(out: Path, index: int) -> RoundPaths:
+    return RoundPaths(out / f"round_{index}")
+
+
+@dataclass
+class RoundPlan:
+    """Every stage of one round, settings resolved; ``predict`` lacks ``--ckpt_path`` (the fit decides it)."""
+
+    index: int
+    paths: RoundPaths
+    tag: str
+    tile: TileOptions | None
+    pretrain: Any  # PretrainArgs | None (imported lazily: it pulls in Lightning)
+    finetune: Any  # FinetuneArgs | None
+    extract: ExtractOptions
+    fit: list[str]
+    predict: list[str]
+    evaluate: list[str]
+    mine: MineArgs
+
+
+# Keys each stage's command gets from the loop itself; setting them in an ``*_options`` section is an error.
+OWNED = {
+    "tiling_options": {"slides", "out", "coords", "encoder"},
+    "extract_options": {"slides", "out", "coords", "encoder"},
+    "pretrain_options": {"slides", "out", "coords", "encoder"},
+    "finetune_options": {"slides", "out", "coords", "selection", "encoder"},
+    "mil_options": {"data.features", "data.labels", "data.fold", "data.predict_split", "trainer.default_root_dir",
+                    "ckpt_path", "config"},
+    "evaluate_options": {"run", "predictions", "val_predictions", "out", "annotations", "features", "patch_scores"},
+}
+GPU_NAMES = {"gpu", "cuda"}
+
+
+def options(values: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """``{"trainer": {"max_epochs": 2}}`` -> ``["--trainer.max_epochs", "2"]`` (YAML/JSON spelling of values)."""
+    argv: list[str] = []
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value and not name.endswith("model_kwargs") and not name.endswith("label_map"):
+            argv += options(value, f"{name}.")
+        else:
+            argv += [f"--{name}", _text(value)]
+    return argv
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value)
+    return str(value)
+
+
+def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings -> ``{"a.b.c": value}``."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def check_owned(args: HNMArgs) -> None:
+    for section, owned in OWNED.items():
+        for key in flatten(getattr(args, section)):
+            if key in owned or any(key.startswith(f"{name}.") for name in owned):
+                raise InputError(f"{section}.{key}: the loop sets this itself (from cohort.*, encoder.* and --out); "
+                                 "remove it from the loop config")
+
+
+def stage_encoder(encoder: EncoderConfig, weights: str | None, tag: str | None = None) -> dict[str, Any]:
+    """The loop's encoder with this round's weights (a weights file wins over timm's pretrained ones)."""
+    return asdict(replace(encoder, weights=weights, pretrained=encoder.pretrained and not weights, tag=tag))
+
+
+def encoder_tag(encoder: EncoderConfig, index: int) -> str:
+    return f"{encoder.name.replace('/', '_').replace(':', '_')}-round{index}"
+
+
+def plan_round(args: HNMArgs, index: int) -> RoundPlan:
+    """Resolve and check every stage's settings of round ``index`` (no stage runs, no file is read)."""
+    from features.training.finetune import FinetuneArgs
+    from features.training.pretrain import PretrainArgs
+
+    out, cohort = Path(args.out), args.cohort
+    here, first = round_paths(out, index), round_paths(out, 0)
+    tag = encoder_tag(args.encoder, index)
+    start = str(first.encoder) if args.pretrain else args.encoder.weights
+    weights = start if index == 0 else str(here.encoder)
+    tile = pretrain = finetune = None
+    if index == 0:
+        tile = from_values(TileOptions, {**args.tiling_options, "slides": cohort.slides, "out": str(first.store)},
+                           "tiling_options", "features tile")
+        if args.pretrain:
+            pretrain = from_values(PretrainArgs, {
+                **args.pretrain_options, "slides": cohort.slides, "coords": str(first.store), "out": str(here.encoder),
+                "encoder": stage_encoder(args.encoder, args.encoder.weights)}, "pretrain_options", "features pretrain")
+    else:
+        previous = round_paths(out, index - 1)
+        before = start if index == 1 else str(previous.encoder)
+        finetune = from_values(FinetuneArgs, {
+            **args.finetune_options, "slides": cohort.slides, "coords": str(previous.store),
+            "selection": str(previous.selection), "out": str(here.encoder),
+            "encoder": stage_encoder(args.encoder, before)}, "finetune_options", "features finetune")
+    extract = from_values(ExtractOptions, {
+        **args.tiling_options, **args.extract_options, "slides": cohort.slides, "out": str(here.store),
+        "coords": str(first.store / "coords"), "encoder": stage_encoder(args.encoder, weights, tag)},
+        "tiling_options + extract_options", "features extract")
+    fold = [] if cohort.fold is None else ["--data.fold", str(cohort.fold)]
+    mil_data = ["--config", args.mil_config, *options(args.mil_options), "--data.features", str(here.features(tag)),
+                "--data.labels", cohort.labels, *fold]
+    annotations = ["--annotations", cohort.annotations, "--features", str(here.features(tag))] if cohort.annotations else []
+    mine = MineArgs(scores=str(here.mil_train), labels=cohort.labels, out=str(here.selection), fold=cohort.fold,
+                    round=index, annotations=cohort.annotations, coords=str(first.store),
+                    features=str(here.features(tag)), mining=args.mining)
+    return RoundPlan(
+        index=index, paths=here, tag=tag, tile=tile, pretrain=pretrain, finetune=finetune, extract=extract,
+        fit=[*mil_data, "--trainer.default_root_dir", str(here.mil)],
+        predict=[*mil_data, "--data.predict_split", "train", "--trainer.default_root_dir", str(here.mil_train)],
+        evaluate=["--run", str(here.mil), *annotations, *options(args.evaluate_options)],
+        mine=mine,
+    )
+
+
+def plan(args: HNMArgs) -> list[RoundPlan]:
+    """Every round's settings, checked: a bad key or value anywhere exits 2 here, before any stage runs."""
+    if args.rounds < 0:
+        raise InputError(f"--rounds {args.rounds}: use 0 (round 0 only) or more")
+    check_owned(args)
+    rounds = [plan_round(args, index) for index in range(args.rounds + 1)]
+    for path, what in ((args.cohort.labels, "cohort.labels: labels CSV"), (args.mil_config, "mil_config: MIL config")):
+        if not Path(path).is_file():
+            raise InputError(f"{path}: {what} not found")
+    fit = check_mil("fit", rounds[0].fit)
+    check_mil("predict", rounds[0].predict)
+    check_evaluate(rounds[0].evaluate)
+    check_devices(rounds, fit)
+    return rounds
+
+
+def check_mil(subcommand: str, argv: list[str]) -> dict[str, Any]:
+    """Parse a ``mil fit|predict`` command line with its own LightningCLI parser, stopping before any work."""
+    import warnings
+
+    from mil.data.datamodule import MILDataModule
+    from mil.training.cli import MILCLI
+    from mil.training.module import MILModule
+
+    class Parsed(Exception):
+        pass
+
+    class ParseOnly(MILCLI):
+        def _set_seed(self) -> None:  # the real run seeds; checking must not touch global random state
+            pass
+
+        def before_instantiate_classes(self) -> None:
+            raise Parsed(self.config[self.subcommand].as_dict())
+
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    try:
+        ParseOnly(MILModule, MILDataModule, args=[subcommand, *argv], save_config_callback=None,
+                  parser_kwargs={"exit_on_error": False, "prog": f"mil {subcommand}"})
+    except Parsed as parsed:
+        return parsed.args[0]
+    except (ArgumentError, ValueError, TypeError) as error:
+        detail = " ".join(str(error).split())
+        raise InputError(f"mil_config / mil_options: {detail}; see `mil {subcommand} --help` for its options") from None
+    raise InputError(f"mil {subcommand}: could not read its settings")  # unreachable: the CLI always parses first
+
+
+def check_evaluate(argv: list[str]) -> None:
+    from mil.evaluation.cli import build_parser
+
+    parser = build_parser()
+    parser.exit_on_error = False
+    try:
+        parser.parse_args(argv)
+    except ArgumentError as error:
+        detail = " ".join(str(error).split())
+        raise InputError(f"evaluate_options: {detail}; see `mil evaluate --help` for its options") from None
+
+
+def check_devices(rounds: list[RoundPlan], fit: Mapping[str, Any]) -> None:
+    """A GPU asked for on a machine without one: one line naming the setting, not a failure mid-loop."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    asked = [("extract_options.accelerator", rounds[0].extract.accelerator),
+             ("mil_options / mil_config trainer.accelerator", str((fit.get("trainer") or {}).get("accelerator")))]
+    for plan_ in rounds:
+        if plan_.pretrain is not None:
+            asked.append(("pretrain_options.trainer.accelerator", plan_.pretrain.trainer.accelerator))
+        if plan_.finetune is not None:
+            asked.append(("finetune_options.trainer.accelerator", plan_.finetune.trainer.accelerator))
+    for key, value in asked:
+        if str(value).lower() in GPU_NAMES:
+            raise InputError(f"{key} is {value!r} but this machine has no CUDA GPU; set it to cpu (or auto) in the "
+                             "loop config, or run on a GPU machine")
