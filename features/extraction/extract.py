@@ -223,6 +223,7 @@ class SlideJob:
     geometry: Geometry
     offset: int = 0
     started: float = field(default_factory=time.perf_counter)
+    tiling: float = 0.0  # seconds spent finding its patches; the slide's own time restarts when embedding starts
     features: np.ndarray | None = None
     views: np.ndarray | None = None
     plan: ViewPlan | None = None
@@ -379,7 +380,7 @@ class SlideExtractor:
                 self._fail(ref, str(error), started)
                 bar.update()
                 continue
-            job = SlideJob(ref, coords, geometry, offset=total, started=started)
+            job = SlideJob(ref, coords, geometry, offset=total, started=started, tiling=time.perf_counter() - started)
             if job.n == 0:
                 self._finish(job)
                 bar.update()
@@ -422,6 +423,7 @@ class SlideExtractor:
                 bar.update()
 
     def _start(self, job: SlideJob) -> None:
+        job.started = time.perf_counter() - job.tiling  # per slide, not since its chunk was tiled (manifest.csv)
         job.features = np.zeros((job.n, self.encoder.dim), dtype=np.float32)
         if self.opts.views:
             job.views = np.zeros((self.opts.views, job.n, self.encoder.dim), dtype=np.float32)
