@@ -26,8 +26,16 @@ def dispatch(program: str, commands: Mapping[str, tuple[str, str]], argv: list[s
         print(f"error: unknown command {program} {name!r}; choose one of: {', '.join(commands)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     module_name, function_name = commands[name][0].split(":")
+    help_from_attribute_docstrings()
     function = getattr(importlib.import_module(module_name), function_name)
     return run_command(lambda: function(rest))
+
+
+def help_from_attribute_docstrings() -> None:
+    """Let ``--help`` show a dataclass field's docstring (the string right below the field) as its help text."""
+    from jsonargparse import set_parsing_settings
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 
 def usage(program: str, commands: Mapping[str, tuple[str, str]]) -> str:

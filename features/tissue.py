@@ -27,14 +27,22 @@ log = logging.getLogger(__name__)
 class TissueConfig:
     """Tissue-detection settings; sizes in microns so they mean the same at 0.25 and 0.5 mpp."""
 
-    mask_mpp: float = 8.0  # resolution of the mask image; 8 µm/px keeps a 100k-px slide's mask ~1k px wide
-    min_saturation: float = 0.05  # floor on the threshold: glass never counts as tissue
-    use_otsu: bool = True  # adapt the threshold to each slide's staining
-    max_brightness: float = 0.96  # near-white pixels are background whatever their saturation
-    close_um: float = 32.0  # bridge small gaps inside tissue
-    open_um: float = 16.0  # drop dust and thin debris
-    min_area_um2: float = 40_000.0  # drop islands smaller than ~0.2 x 0.2 mm
-    fill_holes: bool = True  # holes (fat, vessels) smaller than min_area count as tissue
+    mask_mpp: float = 8.0
+    """Resolution of the mask image; 8 µm/px keeps a 100k-px slide's mask ~1k px wide."""
+    min_saturation: float = 0.05
+    """Floor on the threshold: glass never counts as tissue."""
+    use_otsu: bool = True
+    """Adapt the threshold to each slide's staining."""
+    max_brightness: float = 0.96
+    """Near-white pixels are background whatever their saturation."""
+    close_um: float = 32.0
+    """Bridge small gaps inside tissue."""
+    open_um: float = 16.0
+    """Drop dust and thin debris."""
+    min_area_um2: float = 40_000.0
+    """Drop islands smaller than ~0.2 x 0.2 mm."""
+    fill_holes: bool = True
+    """Holes (fat, vessels) smaller than min_area count as tissue."""
 
 
 @dataclass

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from features.encoders import Encoder, EncoderConfig, build_encoder
 from features.errors import InputError
 from features.extraction.views import ViewPlan, tta_d4
+from features.machine import default_workers
 from features.patches import PatchDataset, items_for_slide
 from features.slides import SlideRef, list_slides, open_slide, slide_mpp
 from features.store import (Manifest, coords_path, count_patches, features_path, read_coords,
@@ -77,7 +78,8 @@ class ExtractOptions(TileOptions):
     Attributes:
         encoder: which encoder (timm name, weights file, tag, seed).
         batch_size: patches per forward pass.
-        num_workers: DataLoader processes decoding patches while the model runs (0 = in the main process).
+        num_workers: DataLoader processes decoding patches while the model runs (0 = in the main process);
+            default: the cores this process may use, at most 8.
         threads: torch threads of each process running the model; None = cores / processes.
         tta: ``d4`` stores the mean embedding over the 8 rotations/flips of each patch.
         views: number of seeded augmented views stored as ``features_views`` (V, N, D); 0 = none.
@@ -92,7 +94,7 @@ class ExtractOptions(TileOptions):
 
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     batch_size: int = 64
-    num_workers: int = 2
+    num_workers: int = field(default_factory=default_workers)
     threads: int | None = None
     tta: Literal["none", "d4"] = "none"
     views: int = 0

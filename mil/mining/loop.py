@@ -44,10 +44,14 @@ SUMMARY_NAME = "hnm_summary.csv"
 
 @dataclass
 class Cohort:
-    slides: str  # slide folder or slides CSV
-    labels: str  # labels CSV with split (or fold_<k>) columns
-    annotations: str | None = None  # polygons: enables patch AUC and selection quality
+    slides: str
+    """Slide folder or slides CSV."""
+    labels: str
+    """Labels CSV with split (or fold_<k>) columns."""
+    annotations: str | None = None
+    """Polygons: enables patch AUC and selection quality."""
     fold: int | None = None
+    """Fold column fold_<k> to use; None = the split column."""
 
 
 @dataclass
@@ -55,18 +59,31 @@ class HNMArgs:
     """The loop's settings; ``*_options`` are passed through as ``--key value`` to the stage's command."""
 
     cohort: Cohort
+    """The slides, labels and annotations."""
     out: str = "runs/hnm"
-    rounds: int = 1  # refreshes after round 0: round 0 .. round N
+    """Folder of the loop's rounds (resumable)."""
+    rounds: int = 1
+    """Refreshes after round 0: round 0 .. round N."""
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    pretrain: bool = False  # SimCLR on the cohort before round 0 (`features pretrain`)
-    tiling_options: dict[str, Any] = field(default_factory=dict)  # features tile/extract: mpp, patch_size, tissue ...
-    extract_options: dict[str, Any] = field(default_factory=dict)  # features extract: batch_size, num_workers ...
-    pretrain_options: dict[str, Any] = field(default_factory=dict)  # features pretrain: data.*, trainer.* ...
+    """The round-0 encoder (timm name, weights, seed)."""
+    pretrain: bool = False
+    """SimCLR on the cohort before round 0 (`features pretrain`)."""
+    tiling_options: dict[str, Any] = field(default_factory=dict)
+    """Options of `features tile` and `features extract`: mpp, patch_size, tissue ..."""
+    extract_options: dict[str, Any] = field(default_factory=dict)
+    """Options of `features extract`: batch_size, num_workers ..."""
+    pretrain_options: dict[str, Any] = field(default_factory=dict)
+    """Options of `features pretrain`: data.*, trainer.* ..."""
     mil_config: str = "configs/mil/abmil.yaml"
-    mil_options: dict[str, Any] = field(default_factory=dict)  # mil fit/predict: trainer.*, model.*, data.* ...
+    """LightningCLI YAML of the slide model."""
+    mil_options: dict[str, Any] = field(default_factory=dict)
+    """Options of `mil fit` and `mil predict`: trainer.*, model.*, data.* ..."""
     mining: MiningConfig = field(default_factory=MiningConfig)
-    finetune_options: dict[str, Any] = field(default_factory=dict)  # features finetune: data.*, optim.*, trainer.*
-    evaluate_options: dict[str, Any] = field(default_factory=dict)  # mil evaluate: n_bootstrap, min_overlap ...
+    """Thresholds and ratios of mining."""
+    finetune_options: dict[str, Any] = field(default_factory=dict)
+    """Options of `features finetune`: data.*, optim.*, trainer.*."""
+    evaluate_options: dict[str, Any] = field(default_factory=dict)
+    """Options of `mil evaluate`: n_bootstrap, min_overlap ..."""
 
 
 def options(values: dict[str, Any], prefix: str = "") -> list[str]:
