@@ -179,7 +179,8 @@ def tile_and_store(ref: SlideRef, opts: TileOptions) -> tuple[np.ndarray, Geomet
     try:
         coords, geometry, mask = tile_slide(slide, ref, opts.tissue, tiling_config(opts))
         if opts.thumbnails:
-            save_tissue_pngs(slide, mask, Path(opts.out) / "thumbnails", ref.slide_id, coords, geometry.patch_size_level0)
+            save_tissue_pngs(slide, mask, Path(opts.out) / "thumbnails", ref.slide_id, coords,
+                             geometry.patch_size_level0)
     except openslide.OpenSlideError as error:
         raise InputError(f"{ref.path}: reading pixels failed while tiling ({error}); the file is damaged: re-export "
                          "it or pass --skip_errors") from None

@@ -277,7 +277,8 @@ def main(argv: list[str] | None = None) -> None:
         size = patch_size_level0(feature_files[slide_id])
         thumbnail, level0_size = _slide_thumbnail(slides[slide_id], args.thumbnail_size)
         figure = render(thumbnail, level0_size, coords, values, size, args.score,
-                        _annotation_polygons(args.annotations, slide_id), title_of(slide_id, {**info.get(slide_id, {}), "round": round_}))
+                        _annotation_polygons(args.annotations, slide_id),
+                        title_of(slide_id, {**info.get(slide_id, {}), "round": round_}))
         save_figure(figure, png)
         if args.geojson_top_k:
             collection = top_k_geojson(coords, values, size, args.geojson_top_k, slide_id, args.score)

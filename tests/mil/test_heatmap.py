@@ -126,7 +126,8 @@ def test_annotation_outlines_are_drawn_with_a_legend(cohort):
     from mil.evaluation.heatmap import _annotation_polygons
 
     thumbnail, level0 = thumbnail_of(root)
-    figure = render(thumbnail, level0, coords, logits, PATCH, "instance", _annotation_polygons(str(root / "ann"), "slide_a"))
+    polygons = _annotation_polygons(str(root / "ann"), "slide_a")
+    figure = render(thumbnail, level0, coords, logits, PATCH, "instance", polygons)
     for axis in [a for a in figure.axes if a.images]:
         (outline,) = axis.lines
         assert outline.get_color() == pytest.approx((1.0, 0.0, 1.0))  # magenta: tumor
