@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-import os
 import re
 import socket
 from collections import Counter
