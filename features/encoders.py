@@ -195,14 +195,14 @@ def require_hub(repo: str, name: str, timeout: float = 3.0) -> None:
     fix = (f"download the weights of {repo} where there is network and pass --encoder.weights FILE "
            "(see docs/features.md, 'Foundation-model presets')")
     if constants.HF_HUB_OFFLINE:
-        raise InputError(f"encoder {name!r} from hub {repo}: HF_HUB_OFFLINE is set and it is not in the hub "
-                         f"cache; {fix}")
+        raise InputError(f"encoder {name!r}: weights from hub {repo} cannot be downloaded here (HF_HUB_OFFLINE is "
+                         f"set and they are not in the hub cache); {fix}")
     host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
     try:
         socket.create_connection((host, 443), timeout=timeout).close()
     except OSError as error:
-        raise InputError(f"encoder {name!r} from hub {repo}: cannot reach {host} ({type(error).__name__}); "
-                         f"{fix}") from error
+        raise InputError(f"encoder {name!r}: weights from hub {repo} cannot be downloaded here (cannot reach "
+                         f"{host}: {type(error).__name__}); {fix}") from error
 
 
 def resolved_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
