@@ -10,7 +10,7 @@ ROUNDS ?= 1
 OUT ?= demo_out
 TEST_WORKERS ?= 2
 
-.PHONY: install demo extract train hnm test bench clean
+.PHONY: install demo extract train hnm test test-slow bench clean
 
 install: $(STAMP)
 
@@ -35,6 +35,9 @@ hnm: install
 
 test: install
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) $(ARGS)
+
+test-slow: install  # end-to-end runs, e.g. the README's pipeline block on the tiny cohort (minutes)
+	$(BIN)/python -m pytest -q -m slow $(ARGS)
 
 bench: install
 	$(BIN)/python benchmarks/run_all.py --out bench_out $(ARGS)

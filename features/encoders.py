@@ -1,9 +1,10 @@
 """Patch encoders: a timm model named by a string, with weights from a local file, and the transform it expects.
 
 One factory, :func:`build_encoder`, turns an :class:`EncoderConfig` into an :class:`Encoder` (model + transform
-+ the attributes a features file records). Weights come from a local ``.safetensors`` / ``.pth`` file because
-nothing is downloaded at extraction time; ``pretrained=True`` and ``hf-hub:`` ids work only where timm can
-reach (or has cached) the hub, and otherwise fail with an error that says which file to pass instead.
++ the attributes a features file records). Weights come from a local ``.safetensors`` / ``.pth`` file (optionally
+checked against a sha256), or from the Hugging Face hub (``hub`` or an ``hf-hub:`` name) where the hub can be
+reached or is cached; otherwise the command fails at once, in one line, saying which file to pass instead.
+Foundation-model presets (``configs/encoders/*.yaml``) are plain :class:`EncoderConfig` files.
 
 A random-init encoder is seeded, so the same command gives the same features.
 """
@@ -11,14 +12,17 @@ A random-init encoder is seeded, so the same command gives the same features.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import re
+import socket
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -45,6 +49,14 @@ class EncoderConfig:
         model_kwargs: passed to ``timm.create_model`` (e.g. ``img_size``, ``init_values``, ``dynamic_img_size``).
         strict: every model key must be in the weights file and no extra key may remain.
         seed: seeds random initialisation so random encoders are reproducible.
+        hub: a Hugging Face repo (``MahmoodLab/UNI``) whose weights timm fetches into ``name`` built with
+            ``model_kwargs`` when no ``weights`` file is given; needs network or a filled hub cache.
+        weights_sha256: the expected sha256 of ``weights``; a different file is refused.
+        pooling: ``model`` = the model's own pooled output (class token for most ViTs); ``cls_mean`` = the
+            class token concatenated with the mean of the patch tokens, registers left out (Virchow2: 2560-d).
+        mean: per-channel normalisation mean from the model card; None = timm's value for the model.
+        std: per-channel normalisation std from the model card; None = timm's value for the model.
+        interpolation: resize interpolation (``bilinear``, ``bicubic``); None = timm's value for the model.
     """
 
     name: str = "resnet10t"
@@ -55,6 +67,12 @@ class EncoderConfig:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     strict: bool = True
     seed: int = 0
+    hub: str | None = None
+    weights_sha256: str | None = None
+    pooling: Literal["model", "cls_mean"] = "model"
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    interpolation: str | None = None
 
 
 @dataclass
@@ -73,7 +91,8 @@ class Encoder:
         """The SPEC feature attributes (plus timm/torch versions) for :func:`features.store.write_features`."""
         import timm
 
-        weights = self.config.weights or (self.config.name if self.config.pretrained else "")
+        weights = self.config.weights or (f"hf-hub:{self.config.hub}" if self.config.hub else
+                                          self.config.name if self.config.pretrained else "")
         return {
             "encoder": self.config.name,
             "weights": str(weights),
@@ -84,6 +103,7 @@ class Encoder:
             "torch_version": str(torch.__version__),
             "encoder_seed": self.config.seed,
             "model_kwargs": json.dumps(self.config.model_kwargs, sort_keys=True),
+            "pooling": self.config.pooling,
         }
 
 
@@ -100,6 +120,24 @@ class PooledTrunk(nn.Module):
         return self.trunk(x)[-1].mean(dim=(2, 3))
 
 
+class ClassAndMeanTokens(nn.Module):
+    """A ViT's class token concatenated with the mean of its patch tokens (registers left out), as Virchow2's
+    model card embeds a tile: twice the width of the class token alone."""
+
+    def __init__(self, trunk: nn.Module):
+        super().__init__()
+        if not hasattr(trunk, "forward_features") or not hasattr(trunk, "num_prefix_tokens"):
+            raise InputError(f"--encoder.pooling cls_mean needs a timm ViT; {type(trunk).__name__} has no tokens")
+        self.trunk = trunk
+        self.num_features = 2 * int(trunk.num_features)
+        self.pretrained_cfg = getattr(trunk, "pretrained_cfg", {})
+        self.patch_embed = getattr(trunk, "patch_embed", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.trunk.forward_features(x)
+        return torch.cat([tokens[:, 0], tokens[:, self.trunk.num_prefix_tokens:].mean(dim=1)], dim=-1)
+
+
 def package_version() -> str:
     try:
         from importlib.metadata import version
@@ -111,17 +149,74 @@ def package_version() -> str:
 
 def build_encoder(config: EncoderConfig, patch_size: int | None = None) -> Encoder:
     """Create the model, load its weights, and build the eval transform for patches of ``patch_size`` px."""
-    model = create_model(config)
     sha = ""
     if config.weights:
-        sha = file_sha256(config.weights)
+        sha = checked_sha256(config)
+    model = create_model(config)
+    if config.weights:
         load_weights(model, config.weights, strict=config.strict)
+    elif config.hub:
+        sha = f"hf-hub:{config.hub}"
     elif config.pretrained or config.name.startswith("hf-hub:"):
         sha = config.name
     model.eval().requires_grad_(False)
     transform, spec = build_transform(model, config, patch_size)
     return Encoder(config=config, model=model, transform=transform, transform_spec=spec,
                    dim=int(model.num_features), weights_sha256=sha, tag=config.tag or default_tag(config, sha))
+
+
+def checked_sha256(config: EncoderConfig) -> str:
+    """The weights file's sha256, refused in one line when it differs from the expected ``weights_sha256``."""
+    sha = file_sha256(config.weights)
+    if config.weights_sha256 and sha != config.weights_sha256.lower():
+        raise InputError(f"{config.weights}: sha256 {sha[:12]}... differs from --encoder.weights_sha256 "
+                         f"{config.weights_sha256[:12]}...; download the file again or fix the checksum")
+    return sha
+
+
+def hub_repo(config: EncoderConfig) -> str | None:
+    """The Hugging Face repo the weights would come from, or None for local / random weights."""
+    if config.weights:
+        return None
+    if config.hub:
+        return config.hub
+    return config.name.removeprefix("hf-hub:") if config.name.startswith("hf-hub:") else None
+
+
+def require_hub(repo: str, name: str, timeout: float = 3.0) -> None:
+    """Fail at once, in one line, when the hub is neither reachable nor holds ``repo`` in its cache.
+
+    Without this, huggingface_hub retries an unreachable host for about 20 s before timm reports it.
+    """
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo, "config.json"), str):
+        return
+    fix = (f"download the weights of {repo} where there is network and pass --encoder.weights FILE "
+           "(see docs/features.md, 'Foundation-model presets')")
+    if constants.HF_HUB_OFFLINE:
+        raise InputError(f"encoder {name!r}: weights from hub {repo} cannot be downloaded here (HF_HUB_OFFLINE is "
+                         f"set and they are not in the hub cache); {fix}")
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError as error:
+        raise InputError(f"encoder {name!r}: weights from hub {repo} cannot be downloaded here (cannot reach "
+                         f"{host}: {type(error).__name__}); {fix}") from error
+
+
+def resolved_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """``mlp_layer: timm.layers.SwiGLUPacked`` and ``act_layer: torch.nn.SiLU`` in YAML name classes: import them."""
+    resolved = dict(kwargs)
+    for key, value in kwargs.items():
+        if key.endswith("_layer") and isinstance(value, str) and "." in value:
+            module, _, attribute = value.rpartition(".")
+            try:
+                resolved[key] = getattr(importlib.import_module(module), attribute)
+            except (ImportError, AttributeError) as error:
+                raise InputError(f"--encoder.model_kwargs {key}: cannot import {value!r}; name a class such as "
+                                 "timm.layers.SwiGLUPacked") from error
+    return resolved
 
 
 def create_model(config: EncoderConfig) -> nn.Module:
@@ -133,15 +228,22 @@ def create_model(config: EncoderConfig) -> nn.Module:
     if not hub and name not in timm.list_models() and not timm.is_model(name):
         raise InputError(f"encoder {config.name!r}: not a timm model; pick one from `timm.list_models()`, "
                          "'resnet50_trunc' or an 'hf-hub:org/model' id")
-    pretrained = config.pretrained and not config.weights
+    repo = hub_repo(config)
+    if repo:
+        require_hub(repo, config.name)
+    pretrained = (config.pretrained or bool(config.hub)) and not config.weights
+    kwargs = resolved_kwargs(config.model_kwargs)
+    if config.hub and pretrained:
+        kwargs["pretrained_cfg_overlay"] = {"hf_hub_id": config.hub}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         try:
             if trunc_index is not None:
                 trunk = timm.create_model(name, pretrained=pretrained, features_only=True,
-                                          out_indices=(trunc_index,), **config.model_kwargs)
+                                          out_indices=(trunc_index,), **kwargs)
                 return PooledTrunk(trunk)
-            return timm.create_model(name, pretrained=pretrained, num_classes=0, **config.model_kwargs)
+            model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
+            return ClassAndMeanTokens(model) if config.pooling == "cls_mean" else model
         except (OSError, RuntimeError, ValueError) as error:
             if not (hub or pretrained):
                 raise InputError(f"encoder {config.name!r}: timm cannot build it ({error}); "
@@ -215,7 +317,7 @@ def match_keys(state: Mapping[str, torch.Tensor], expected: set[str]) -> dict[st
 
 def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> None:
     """Load a local state dict into ``model``; a mismatch is an InputError listing the keys and the fix."""
-    own = model.trunk if isinstance(model, PooledTrunk) else model
+    own = model.trunk if isinstance(model, (PooledTrunk, ClassAndMeanTokens)) else model
     expected = set(own.state_dict())
     state = match_keys(read_state_dict(path), expected)
     # Classifier heads (and layers cut away by a truncated trunk) are not part of an embedding model.
@@ -255,7 +357,10 @@ def build_transform(model: nn.Module, config: EncoderConfig,
     """
     from timm.data import create_transform, resolve_data_config
 
-    data = resolve_data_config({}, model=model)
+    data = dict(resolve_data_config({}, model=model))
+    for key in ("mean", "std", "interpolation"):  # the model card's values win over the architecture's defaults
+        if getattr(config, key) is not None:
+            data[key] = tuple(getattr(config, key)) if key != "interpolation" else config.interpolation
     fixed = bool(getattr(model, "pretrained_cfg", {}).get("fixed_input_size", False))
     size = config.input_size or (native_input_size(model, data) if fixed or not patch_size else patch_size)
     transform = create_transform(input_size=(3, size, size), interpolation=data["interpolation"], mean=data["mean"],
@@ -286,6 +391,8 @@ def default_tag(config: EncoderConfig, sha: str) -> str:
     base = re.sub(r"[^A-Za-z0-9._-]+", "_", config.name.removeprefix("hf-hub:")).strip("_.")
     if config.weights:
         return f"{base}-{sha[:8]}"
+    if config.hub:
+        return re.sub(r"[^A-Za-z0-9._-]+", "_", config.hub).strip("_.") + "-pretrained"
     if config.pretrained or config.name.startswith("hf-hub:"):
         return f"{base}-pretrained"
     return f"{base}-random-seed{config.seed}"

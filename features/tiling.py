@@ -30,9 +30,13 @@ class TilingConfig:
     """Where patches go: size at the target resolution, overlap (pixels at target mpp), minimum tissue."""
 
     target_mpp: float = 0.5
+    """Microns per pixel the patches are read at (0.5 = 20x)."""
     patch_size: int = 224
+    """Patch side in pixels at target_mpp."""
     overlap: int = 0
+    """Pixels at target_mpp shared by neighbouring patches."""
     min_tissue: float = 0.25
+    """Least fraction of a patch that must be tissue for it to be kept."""
 
 
 @dataclass

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import openslide
-from PIL import Image
+from PIL import Image, ImageDraw
 from scipy import ndimage
 from skimage import filters, morphology
 
@@ -27,14 +27,22 @@ log = logging.getLogger(__name__)
 class TissueConfig:
     """Tissue-detection settings; sizes in microns so they mean the same at 0.25 and 0.5 mpp."""
 
-    mask_mpp: float = 8.0  # resolution of the mask image; 8 µm/px keeps a 100k-px slide's mask ~1k px wide
-    min_saturation: float = 0.05  # floor on the threshold: glass never counts as tissue
-    use_otsu: bool = True  # adapt the threshold to each slide's staining
-    max_brightness: float = 0.96  # near-white pixels are background whatever their saturation
-    close_um: float = 32.0  # bridge small gaps inside tissue
-    open_um: float = 16.0  # drop dust and thin debris
-    min_area_um2: float = 40_000.0  # drop islands smaller than ~0.2 x 0.2 mm
-    fill_holes: bool = True  # holes (fat, vessels) smaller than min_area count as tissue
+    mask_mpp: float = 8.0
+    """Resolution of the mask image; 8 µm/px keeps a 100k-px slide's mask ~1k px wide."""
+    min_saturation: float = 0.05
+    """Floor on the threshold: glass never counts as tissue."""
+    use_otsu: bool = True
+    """Adapt the threshold to each slide's staining."""
+    max_brightness: float = 0.96
+    """Near-white pixels are background whatever their saturation."""
+    close_um: float = 32.0
+    """Bridge small gaps inside tissue."""
+    open_um: float = 16.0
+    """Drop dust and thin debris."""
+    min_area_um2: float = 40_000.0
+    """Drop islands smaller than ~0.2 x 0.2 mm."""
+    fill_holes: bool = True
+    """Holes (fat, vessels) smaller than min_area count as tissue."""
 
 
 @dataclass
@@ -113,18 +121,33 @@ def mask_from_rgb(image: np.ndarray, mpp: float, config: TissueConfig) -> np.nda
     return mask.astype(bool)
 
 
-def save_tissue_pngs(slide: openslide.OpenSlide, mask: TissueMask, out_dir: str | Path, slide_id: str) -> Path:
-    """Thumbnail with the mask outlined, for a quick visual check of what was tiled."""
+THUMBNAIL_SIDE = 1024  # inspection PNGs: large enough to see single patches, small enough to browse quickly
+TISSUE_EDGE, GRID = (0, 160, 0), (255, 200, 0)
+
+
+def save_tissue_pngs(slide: openslide.OpenSlide, mask: TissueMask, out_dir: str | Path, slide_id: str,
+                     coords: np.ndarray | None = None, patch_size_level0: int = 0) -> Path:
+    """Thumbnail with the tissue outlined in green and every kept patch drawn in yellow: what was tiled, at a
+    glance. Also the bare mask, at mask resolution."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    h, w = mask.mask.shape
+    width0, height0 = slide.dimensions
+    side = max(max(mask.mask.shape), min(THUMBNAIL_SIDE, max(width0, height0)))
+    w, h = max(1, round(width0 * side / max(width0, height0))), max(1, round(height0 * side / max(width0, height0)))
     thumbnail = np.asarray(slide.get_thumbnail((w, h)).convert("RGB").resize((w, h)))
-    edge = mask.mask ^ ndimage.binary_erosion(mask.mask, iterations=max(1, min(h, w) // 200))
+    tissue = np.asarray(Image.fromarray(mask.mask.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 0
+    edge = tissue ^ ndimage.binary_erosion(tissue, iterations=max(1, min(h, w) // 200))
     overlay = thumbnail.copy()
-    overlay[edge] = (0, 160, 0)
+    overlay[edge] = TISSUE_EDGE
+    image = Image.fromarray(overlay)
+    if coords is not None and len(coords) and patch_size_level0 > 0:
+        draw, scale = ImageDraw.Draw(image), w / width0
+        for x, y in np.asarray(coords, dtype=np.float64):
+            draw.rectangle([x * scale, y * scale, (x + patch_size_level0) * scale - 1,
+                            (y + patch_size_level0) * scale - 1], outline=GRID, width=1)
     path = out_dir / f"{slide_id}_tissue.png"
     with atomic_path(path) as tmp:
-        Image.fromarray(overlay).save(tmp, format="PNG")
+        image.save(tmp, format="PNG")
     with atomic_path(out_dir / f"{slide_id}_mask.png") as tmp:
         Image.fromarray((mask.mask * 255).astype(np.uint8)).save(tmp, format="PNG")
     return path

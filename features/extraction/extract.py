@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from features.encoders import Encoder, EncoderConfig, build_encoder
 from features.errors import InputError
 from features.extraction.views import ViewPlan, tta_d4
+from features.machine import default_workers
 from features.patches import PatchDataset, items_for_slide
 from features.provenance import lock_path
 from features.slides import SlideRef, list_slides, open_slide, slide_mpp
@@ -79,7 +80,8 @@ class ExtractOptions(TileOptions):
     Attributes:
         encoder: which encoder (timm name, weights file, tag, seed).
         batch_size: patches per forward pass.
-        num_workers: DataLoader processes decoding patches while the model runs (0 = in the main process).
+        num_workers: DataLoader processes decoding patches while the model runs (0 = in the main process);
+            default: the cores this process may use, at most 8.
         threads: torch threads of each process running the model; None = cores / processes.
         tta: ``d4`` stores the mean embedding over the 8 rotations/flips of each patch.
         views: number of seeded augmented views stored as ``features_views`` (V, N, D); 0 = none.
@@ -94,7 +96,7 @@ class ExtractOptions(TileOptions):
 
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     batch_size: int = 64
-    num_workers: int = 2
+    num_workers: int = field(default_factory=default_workers)
     threads: int | None = None
     tta: Literal["none", "d4"] = "none"
     views: int = 0
@@ -179,7 +181,8 @@ def tile_and_store(ref: SlideRef, opts: TileOptions) -> tuple[np.ndarray, Geomet
     try:
         coords, geometry, mask = tile_slide(slide, ref, opts.tissue, tiling_config(opts))
         if opts.thumbnails:
-            save_tissue_pngs(slide, mask, Path(opts.out) / "thumbnails", ref.slide_id)
+            save_tissue_pngs(slide, mask, Path(opts.out) / "thumbnails", ref.slide_id, coords,
+                             geometry.patch_size_level0)
     except openslide.OpenSlideError as error:
         raise InputError(f"{ref.path}: reading pixels failed while tiling ({error}); the file is damaged: re-export "
                          "it or pass --skip_errors") from None
@@ -225,6 +228,7 @@ class SlideJob:
     geometry: Geometry
     offset: int = 0
     started: float = field(default_factory=time.perf_counter)
+    tiling: float = 0.0  # seconds spent finding its patches; the slide's own time restarts when embedding starts
     features: np.ndarray | None = None
     views: np.ndarray | None = None
     plan: ViewPlan | None = None
@@ -419,7 +423,7 @@ class SlideExtractor:
                 self._fail(ref, str(error), started)
                 bar.update()
                 continue
-            job = SlideJob(ref, coords, geometry, offset=total, started=started)
+            job = SlideJob(ref, coords, geometry, offset=total, started=started, tiling=time.perf_counter() - started)
             if job.n == 0:
                 self._finish(job)
                 bar.update()
@@ -462,6 +466,7 @@ class SlideExtractor:
                 bar.update()
 
     def _start(self, job: SlideJob) -> None:
+        job.started = time.perf_counter() - job.tiling  # per slide, not since its chunk was tiled (manifest.csv)
         job.features = np.zeros((job.n, self.encoder.dim), dtype=np.float32)
         if self.opts.views:
             job.views = np.zeros((self.opts.views, job.n, self.encoder.dim), dtype=np.float32)

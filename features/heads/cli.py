@@ -27,20 +27,34 @@ from features.store import atomic_path
 class DataSource:
     """Where the labelled patches and their embeddings come from (give one of the three sources)."""
 
-    embeddings: str | None = None    # features folder written by `features extract` (with --coords)
-    table: str | None = None         # patch table CSV: image,x,y,label,source[,split]
-    images: str | None = None        # image folder root/<class>/*.png, embedded with `encoder`
-    points: str | None = None        # MIDOG-style COCO JSON, embedded with `encoder` through extraction
-    image_dir: str | None = None     # the folder holding the COCO images (their mpp is read there when the JSON lacks it)
-    splits: str | None = None        # CSV file_name,split (train/val/test/unlabeled); default: the JSON's, else seeded
-    categories: dict[str, int] | None = None  # COCO category name -> label (default: MIDOG++ names, figure = 1)
-    work_dir: str | None = None      # where point embeddings are written (default: next to --out)
+    embeddings: str | None = None
+    """Features folder written by `features extract` (with --coords)."""
+    table: str | None = None
+    """Patch table CSV: image,x,y,label,source[,split]."""
+    images: str | None = None
+    """Image folder root/<class>/*.png, embedded with `encoder`."""
+    points: str | None = None
+    """MIDOG-style COCO JSON, embedded with `encoder` through extraction."""
+    image_dir: str | None = None
+    """The folder holding the COCO images (their mpp is read there when the JSON lacks it)."""
+    splits: str | None = None
+    """CSV file_name,split (train/val/test/unlabeled); default: the JSON's, else a seeded split by image."""
+    categories: dict[str, int] | None = None
+    """COCO category name -> label (default: MIDOG++ names, mitotic figure = 1)."""
+    work_dir: str | None = None
+    """Where point embeddings are written (default: next to --out)."""
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    """The encoder that embeds images or points (timm name, weights, seed)."""
     sampling: PointSampling = field(default_factory=PointSampling)
-    tta: Literal["none", "d4"] = "none"  # d4: mean over the 8 rotations/flips (rotation-invariant embeddings)
-    views: int = 0                   # augmented views stored per patch for feature-space augmentation
+    """Where candidate patches go around points."""
+    tta: Literal["none", "d4"] = "none"
+    """D4: mean over the 8 rotations/flips (rotation-invariant embeddings)."""
+    views: int = 0
+    """Augmented views stored per patch for feature-space augmentation."""
     batch_size: int = 32
+    """Images per forward pass."""
     seed: int = 0
+    """Seeds splits and sampling."""
 
 
 def build_parser(prog: str, description: str) -> ArgumentParser:

@@ -31,12 +31,18 @@ from features.errors import InputError
 class PointSampling:
     """Where candidate patches go; sizes in microns so they mean the same on every scanner."""
 
-    target_mpp: float = 0.25        # MIDOG images are scanned near 0.25 µm/px
-    patch_size: int = 64            # pixels at target_mpp (16 µm: one figure and a margin)
+    target_mpp: float = 0.25
+    """MIDOG images are scanned near 0.25 µm/px."""
+    patch_size: int = 64
+    """Pixels at target_mpp (16 µm: one figure and a margin)."""
     random_per_image: int = 20
+    """Random background patches per image (negatives)."""
     unlabeled_per_image: int = 20
-    min_distance_um: float = 15.0   # random negatives stay this far from any mitotic figure
+    """Random patches per unlabeled image."""
+    min_distance_um: float = 15.0
+    """Random negatives stay this far from any mitotic figure."""
     seed: int = 0
+    """Seeds where random patches go."""
 
 
 SPLITS = ("train", "val", "test", "unlabeled")

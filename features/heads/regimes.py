@@ -39,11 +39,16 @@ METRICS = ("val_f1", "val_auroc", "val_balanced_accuracy", "test_f1", "test_auro
 
 @dataclass
 class RegimeGrid:
-    hard: list[float] = field(default_factory=lambda: [5.0, 10.0, 25.0, 50.0])   # % hardest negatives
-    random: list[float] = field(default_factory=lambda: [0.0, 5.0, 10.0, 25.0])  # % more at random
-    folds: int = 3        # out-of-fold scoring of candidates; 1 scores with a head trained on all of them
-    repeats: int = 3      # fits per regime and baseline (draw seed (seed, k), head seed head.seed + k); means compared
+    hard: list[float] = field(default_factory=lambda: [5.0, 10.0, 25.0, 50.0])
+    """Percentages of the hardest negatives to add, one regime each."""
+    random: list[float] = field(default_factory=lambda: [0.0, 5.0, 10.0, 25.0])
+    """Percentages of further negatives drawn at random, one regime each."""
+    folds: int = 3
+    """Out-of-fold scoring of candidates; 1 scores with a head trained on all of them."""
+    repeats: int = 3
+    """Fits per regime and baseline (draw seed (seed, k), head seed head.seed + k); means compared."""
     seed: int = 0
+    """Seeds the draws of each regime."""
 
 
 def negative_scores(train: EmbeddingSet, head: HeadConfig, folds: int, seed: int = 0) -> np.ndarray:

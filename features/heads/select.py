@@ -31,12 +31,18 @@ from features.store import atomic_path
 
 @dataclass
 class ProxyTask:
-    images: str = ""                   # root/<class>/*.png: a few dozen labelled patches per class
-    max_per_class: int | None = None   # cap for speed (the first images of each class, sorted by name)
+    images: str = ""
+    """Root/<class>/*.png: a few dozen labelled patches per class."""
+    max_per_class: int | None = None
+    """Cap for speed (the first images of each class, sorted by name)."""
     folds: int = 5
+    """Cross-validation folds of the proxy task."""
     knn_k: int = 5
+    """Neighbours of the k-NN probe."""
     batch_size: int = 32
+    """Images per forward pass."""
     seed: int = 0
+    """Seeds the folds."""
 
 
 def proxy_table(task: ProxyTask) -> pd.DataFrame:

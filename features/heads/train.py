@@ -33,19 +33,32 @@ from features.store import atomic_path
 class HeadConfig:
     """How to train one head; the defaults suit a few hundred to a few hundred thousand patches."""
 
-    hidden: int = 0              # 0: linear probe; >0: one hidden layer of this width
+    hidden: int = 0
+    """0: linear probe; >0: one hidden layer of this width."""
     dropout: float = 0.0
+    """Dropout before the output layer."""
     lr: float = 3e-3
+    """AdamW learning rate."""
     weight_decay: float = 1e-4
+    """AdamW weight decay."""
     epochs: int = 30
-    min_steps: int = 300         # small sets still get enough optimiser steps to converge
+    """Passes over the training patches."""
+    min_steps: int = 300
+    """Small sets still get enough optimiser steps to converge."""
     batch_size: int = 256
-    view_sampling: bool = True   # sample among stored augmented views (feature-space augmentation)
-    include_clean: bool = True   # the un-augmented embedding is one of the views sampled
-    noise_std: float = 0.0       # Gaussian noise in embedding space, in standard deviations
+    """Patches per step."""
+    view_sampling: bool = True
+    """Sample among stored augmented views (feature-space augmentation)."""
+    include_clean: bool = True
+    """The un-augmented embedding is one of the views sampled."""
+    noise_std: float = 0.0
+    """Gaussian noise in embedding space, in standard deviations."""
     mixup_alpha: float = 0.0
-    balance: bool = True         # weight classes by inverse frequency
+    """Mixup in embedding space (0 = off)."""
+    balance: bool = True
+    """Weight classes by inverse frequency."""
     seed: int = 0
+    """Seeds initialisation and sampling."""
 
 
 @dataclass

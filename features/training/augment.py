@@ -23,13 +23,21 @@ class AugmentConfig:
     """Strengths of each augmentation; the defaults suit 20x (0.5 mpp) H&E patches."""
 
     crop_scale: tuple[float, float] = (0.5, 1.0)
+    """Random resized crop: range of the kept area fraction."""
     brightness: float = 0.2
+    """Colour jitter: brightness strength."""
     contrast: float = 0.2
+    """Colour jitter: contrast strength."""
     saturation: float = 0.15
+    """Colour jitter: saturation strength."""
     hue: float = 0.04
+    """Colour jitter: hue shift (fraction of the colour circle)."""
     jitter_p: float = 0.8
+    """Probability of colour jitter."""
     blur_p: float = 0.3
+    """Probability of Gaussian blur."""
     blur_sigma: tuple[float, float] = (0.1, 1.5)
+    """Range of the blur's sigma in pixels."""
 
 
 class RandomRotate90(torch.nn.Module):

@@ -25,16 +25,23 @@ class OptimConfig:
     """SGD with momentum and a cosine schedule after a linear warm-up (ItS2CLR fine-tuning)."""
 
     lr: float = 0.01
+    """Peak learning rate (after the warm-up)."""
     momentum: float = 0.9
+    """SGD momentum."""
     weight_decay: float = 1e-4
+    """L2 weight decay."""
     warmup_fraction: float = 0.05
+    """Share of the steps spent warming the learning rate up linearly."""
     temperature: float = 0.07
+    """Temperature of the contrastive (SimCLR / SupCon) loss."""
     proj_dim: int = 128
+    """Width of the projection head's output (the contrastive space)."""
     hidden_dim: int = 512
-    # Keep BatchNorm statistics as the extractor saw them: small contrastive batches of a few hundred mined
-    # patches would otherwise overwrite the running statistics, and the re-extracted features would then shift
-    # for every patch, not only where the loss asked for a change.
+    """Width of the projection head's hidden layer."""
     freeze_norm_stats: bool = True
+    """Keep BatchNorm statistics as the extractor saw them: small contrastive batches of a few hundred mined patches
+    would otherwise overwrite the running statistics, and the re-extracted features would then shift for every
+    patch, not only where the loss asked for a change."""
 
 
 def build_encoder_model(spec: EncoderConfig) -> nn.Module:
@@ -128,19 +135,30 @@ class TrainerSpec:
     """The Lightning Trainer flags a user may need: devices and precision for multi-GPU, caps for quick runs."""
 
     accelerator: str = "auto"
+    """cpu, gpu, mps or auto (Lightning's names)."""
     devices: int | str = "auto"
+    """Devices per node, or auto."""
     strategy: str = "auto"
+    """Lightning strategy (auto, ddp ...)."""
     num_nodes: int = 1
+    """Machines."""
     precision: str = "32-true"
+    """Lightning precision (32-true, bf16-mixed, 16-mixed)."""
     max_epochs: int = 1
+    """Epochs to train."""
     max_steps: int = -1
+    """Stop after this many optimiser steps (-1 = no limit)."""
     limit_train_batches: int | float = 1.0
+    """Batches per epoch (an int) or share of them (a float); for quick runs."""
     log_every_n_steps: int = 10
+    """How often metrics are logged."""
     enable_progress_bar: bool = True
+    """Show a progress bar (only on a terminal)."""
     deterministic: bool = False
-    # Clip the gradient norm: a random-init trunk whose BatchNorm statistics are frozen can take a huge first
-    # step at the learning rates the method uses, after which every patch maps to the same embedding.
+    """Deterministic algorithms only (slower, bit-reproducible)."""
     gradient_clip_val: float | None = 1.0
+    """Clip the gradient norm: a random-init trunk whose BatchNorm statistics are frozen can take a huge first step
+    at the learning rates the method uses, after which every patch maps to the same embedding."""
 
 
 def make_trainer(spec: TrainerSpec, root_dir: str, **extra: Any) -> L.Trainer:

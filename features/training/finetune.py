@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Subset
 
 from features.encoders import EncoderConfig, file_sha256
 from features.errors import InputError
+from features.machine import default_workers
 from features.options import parse
 from features.provenance import recorded_encoder
 from features.selection import counts_by_kind, read_selection
@@ -38,10 +39,14 @@ from features.training.weights import save_encoder_weights
 
 @dataclass
 class SelectionLoading:
-    batch_size: int = 32  # half from the phase's pool, half mixed in
-    num_workers: int = 2
-    image_size: int | None = None  # default: what extraction feeds the encoder
+    batch_size: int = 32
+    """Patches per step: half from the phase's pool, half mixed in."""
+    num_workers: int = field(default_factory=default_workers)
+    """DataLoader processes reading patches; default: the cores this process may use (at most 8)."""
+    image_size: int | None = None
+    """Train at this size; default: what extraction feeds the encoder."""
     seed: int = 0
+    """Seeds the sampling and the augmentations."""
 
 
 @dataclass
@@ -58,17 +63,28 @@ class FinetuneEncoder(EncoderConfig):
 
 @dataclass
 class FinetuneArgs:
-    slides: str  # slide folder or slides CSV (the cohort mining ran on)
-    coords: str  # feature store, coords or features folder (ours, CLAM or TRIDENT): where each selected patch lies
-    selection: str  # selection CSV from `mil mine`
-    out: str  # weights file to write (.safetensors) + .json sidecar
+    slides: str
+    """Slide folder or slides CSV (the cohort mining ran on)."""
+    coords: str
+    """Feature store, coords or features folder (ours, CLAM or TRIDENT): where each selected patch lies."""
+    selection: str
+    """Selection CSV from `mil mine`."""
+    out: str
+    """Weights file to write (.safetensors) + .json sidecar."""
     encoder: FinetuneEncoder = field(default_factory=FinetuneEncoder)
+    """The encoder to fine-tune; default: the one recorded in the --coords store."""
     optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimiser and loss settings."""
     data: SelectionLoading = field(default_factory=SelectionLoading)
-    phases: list[str] = field(default_factory=lambda: list(PHASES))  # epoch e runs phases[e % len(phases)]
+    """How selected patches are loaded."""
+    phases: list[str] = field(default_factory=lambda: list(PHASES))
+    """Epoch e runs phases[e % len(phases)]."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    """Augmentation strengths."""
     trainer: TrainerSpec = field(default_factory=TrainerSpec)
-    patch_size_level0: int | None = None  # patch side in level-0 pixels, for CLAM files that carry no geometry
+    """Lightning Trainer flags."""
+    patch_size_level0: int | None = None
+    """Patch side in level-0 pixels, for CLAM files that carry no geometry."""
 
 
 class PhaseData(L.LightningDataModule):

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from features.encoders import EncoderConfig
+from features.machine import default_workers
 from features.options import parse
 from features.tiling import TilingConfig
 from features.training.augment import AugmentConfig, MultiView, histology_augment
@@ -34,10 +35,15 @@ class PatchLoading:
     """How patches reach the model."""
 
     batch_size: int = 64
-    num_workers: int = 2
-    max_patches: int | None = 20000  # seeded uniform sample over the cohort; None = every tissue patch
-    image_size: int | None = None  # train at this size; default the stored patch size
+    """Patches per step (each gives two views)."""
+    num_workers: int = field(default_factory=default_workers)
+    """DataLoader processes reading patches; default: the cores this process may use (at most 8)."""
+    max_patches: int | None = 20000
+    """Seeded uniform sample over the cohort; None = every tissue patch."""
+    image_size: int | None = None
+    """Train at this size; default the stored patch size."""
     seed: int = 0
+    """Seeds the patch sample and the augmentations."""
 
 
 def pretrain_optim() -> OptimConfig:
@@ -46,15 +52,24 @@ def pretrain_optim() -> OptimConfig:
 
 @dataclass
 class PretrainArgs:
-    slides: str  # slide folder or slides CSV
-    out: str  # weights file to write (.safetensors); a sidecar .json and a <name>_run/ log folder go next to it
-    coords: str | None = None  # feature store (or coords folder) from `features tile`; if absent, slides are tiled now
+    slides: str
+    """Slide folder or slides CSV."""
+    out: str
+    """Weights file to write (.safetensors); a sidecar .json and a <name>_run/ log folder go next to it."""
+    coords: str | None = None
+    """Feature store (or coords folder) from `features tile`; if absent, slides are tiled now."""
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    """The encoder to pretrain (timm name, start weights, seed)."""
     optim: OptimConfig = field(default_factory=pretrain_optim)
+    """Optimiser and loss settings."""
     data: PatchLoading = field(default_factory=PatchLoading)
+    """How patches are sampled and loaded."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    """Augmentation strengths."""
     tiling: TilingConfig = field(default_factory=TilingConfig)
+    """Patch geometry when slides are tiled here."""
     trainer: TrainerSpec = field(default_factory=TrainerSpec)
+    """Lightning Trainer flags."""
 
 
 def main(argv: list[str] | None = None) -> None:

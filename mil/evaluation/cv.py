@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from jsonargparse import ArgumentParser
+from jsonargparse import ActionConfigFile, ArgumentParser
 
 from features.errors import InputError
 from features.store import atomic_path
@@ -101,6 +101,7 @@ def is_finished(run_dir: Path) -> bool:
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="mil cv", description=__doc__ + "\nArguments after `--` go to every `mil fit`.")
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of these options")
     parser.add_argument("--fit_config", type=str, required=True, help="the `mil fit` YAML config to cross-validate")
     parser.add_argument("--out", type=str, required=True, help="folder for the runs and the summary")
     parser.add_argument("--n_folds", type=int | None, default=None, help="run folds 0..n_folds-1")

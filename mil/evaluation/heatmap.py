@@ -1,16 +1,19 @@
 """``mil heatmap``: patch scores painted on slide thumbnails, from stored coordinates and scores only.
 
-Each PNG has two panels over the same thumbnail: the scores normalised per slide (where on this slide the model
-looks) and on an absolute scale (how sure it is, comparable across slides: sigmoid of the tumor logit, or for
-attention the share relative to uniform, N·a / (1 + N·a), so 0.5 is exactly 1/N). Annotation outlines are drawn
-when they exist. Optionally the top-K patches are exported as QuPath detections (GeoJSON, level-0 pixels); every
-patch as QuPath tiles, and the mined selection, come from ``mil qupath``.
+Each PNG explains itself: its title names the slide, its label, the slide score, the split and the mining round;
+three panels show the bare thumbnail, each patch's rank within the slide (where on this slide the model looks)
+and the score on an absolute scale (how sure it is, comparable across slides: sigmoid of the tumor logit, or for
+attention the share relative to uniform, N·a / (1 + N·a), so 0.5 is exactly 1/N), each with a labelled colour
+bar. Annotation outlines are drawn, with a legend, when they exist. Optionally the top-K patches are exported as
+QuPath detections (GeoJSON, level-0 pixels); every patch as QuPath tiles, and the mined selection, come from
+``mil qupath``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +21,11 @@ import numpy as np
 from scipy.special import expit
 from jsonargparse import ActionConfigFile, ArgumentParser
 from matplotlib import colormaps
-from PIL import Image, ImageDraw, ImageFont
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from PIL import Image
 from tqdm import tqdm
 
 from features.errors import InputError
@@ -29,8 +36,7 @@ from mil.patch_scores import find_patch_scores, read_patch_scores
 
 log = logging.getLogger(__name__)
 
-HEADER, GAP, BAR_WIDTH, BAR_LABELS = 22, 10, 14, 40
-ALPHA = 0.55
+ALPHA = 0.45  # the tissue stays legible under the colours; the first panel shows it bare
 COLOURMAP = "turbo"
 OUTLINES = {"tumor": (255, 0, 255), "lookalike": (0, 90, 255), "exclusion": (120, 120, 120)}
 
@@ -93,60 +99,74 @@ def overlay(thumbnail: np.ndarray, grid: np.ndarray, alpha: float = ALPHA) -> np
     return np.clip(blended, 0, 255).astype(np.uint8)
 
 
-def panel_box(index: int, thumbnail_size: tuple[int, int]) -> tuple[int, int, int, int]:
-    """(x0, y0, x1, y1) of panel ``index`` in the composed image (0: per-slide, 1: absolute)."""
-    width, height = thumbnail_size
-    x0 = index * (width + GAP)
-    return x0, HEADER, x0 + width, HEADER + height
+RANK_LABEL = "rank within this slide (0 = lowest, 1 = highest score)"
+ABSOLUTE_LABELS = {"instance": "P(tumor) = sigmoid(patch logit)",
+                   "attention": "attention share N·a / (1 + N·a)   (0.5 = uniform)"}
 
 
-def compose(panels: list[tuple[str, np.ndarray]], polygons: dict[str, list[Any]],
-            scale: tuple[float, float]) -> Image.Image:
-    """Panels side by side under their titles, annotation outlines on each, and one colour bar at the right."""
-    height, width = panels[0][1].shape[:2]
-    total_width = len(panels) * (width + GAP) + BAR_WIDTH + BAR_LABELS
-    image = Image.new("RGB", (total_width, HEADER + height), (255, 255, 255))
-    draw = ImageDraw.Draw(image)
-    font = _font(14)
-    for index, (title, pixels) in enumerate(panels):
-        x0, y0, _, _ = panel_box(index, (width, height))
-        image.paste(Image.fromarray(pixels), (x0, y0))
-        draw.text((x0 + 2, 4), title, fill=(0, 0, 0), font=font)
-        for group, colour in OUTLINES.items():
-            for polygon in polygons.get(group, []):
-                ring = [(x0 + px * scale[0], y0 + py * scale[1]) for px, py in np.asarray(polygon.exterior.coords)]
-                if len(ring) > 2:
-                    draw.line(ring + [ring[0]], fill=colour, width=2)
-    bar_x = len(panels) * (width + GAP)
-    ramp = np.linspace(1.0, 0.0, height)[:, None].repeat(BAR_WIDTH, axis=1)
-    image.paste(Image.fromarray((colormaps[COLOURMAP](ramp)[..., :3] * 255).astype(np.uint8)), (bar_x, HEADER))
-    for fraction in (1.0, 0.5, 0.0):
-        y = HEADER + int(round((1.0 - fraction) * (height - 1)))
-        draw.text((bar_x + BAR_WIDTH + 3, min(max(y - 5, HEADER), HEADER + height - 11)), f"{fraction:.1f}",
-                  fill=(0, 0, 0), font=font)
-    return image
+def rank_values(values: np.ndarray) -> np.ndarray:
+    """Each patch's rank within its slide as a fraction in (0, 1]: where on this slide the model looks, immune
+    to a few extreme scores."""
+    from scipy.stats import rankdata
+
+    values = np.asarray(values, dtype=np.float64)
+    return rankdata(values) / len(values) if len(values) else values
 
 
-def _font(size: int) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)  # scalable when Pillow has FreeType
-    except (TypeError, ValueError, OSError):
-        return ImageFont.load_default()
+def title_of(slide_id: str, info: dict[str, Any]) -> str:
+    """``slide_007 | label tumor | slide score 0.93 | split test | round 1`` from what the run recorded."""
+    parts = [slide_id]
+    if info.get("label") is not None:
+        parts.append(f"label {info['label']}")
+    if info.get("score") is not None:
+        parts.append(f"slide score {float(info['score']):.3f}")
+    for key in ("split", "round"):
+        if info.get(key) is not None:
+            parts.append(f"{key} {info[key]}")
+    return "  |  ".join(parts)
 
 
 def render(thumbnail: Image.Image, level0_size: tuple[int, int], coords: np.ndarray, values: np.ndarray,
-           size_level0: int, score: str, polygons: dict[str, list[Any]] | None = None) -> Image.Image:
-    """The two-panel heatmap image for one slide."""
+           size_level0: int, score: str, polygons: dict[str, list[Any]] | None = None,
+           title: str = "") -> Figure:
+    """The figure for one slide: the plain thumbnail, the per-slide rank and the absolute score over it, each
+    with a labelled colour bar; annotation outlines with a legend; the title says which slide and run."""
     pixels = np.asarray(thumbnail.convert("RGB"), dtype=np.float64)
     scale = (thumbnail.width / level0_size[0], thumbnail.height / level0_size[1])
     shape = (thumbnail.height, thumbnail.width)
-    low, high = relative_range(values)
-    absolute = "N*a/(1+N*a)" if score == "attention" else "sigmoid(logit)"
-    panels = [(f"per slide, p1-p99 [{low:.3g}, {high:.3g}]", overlay(pixels, paint(relative_values(values), coords,
-                                                                             size_level0, scale, shape))),
-              (f"absolute {absolute}", overlay(pixels, paint(absolute_values(values, score), coords,
-                                                             size_level0, scale, shape)))]
-    return compose(panels, polygons or {}, scale)
+    panels = [("slide", pixels.astype(np.uint8), None),
+              ("per-slide rank", overlay(pixels, paint(rank_values(values), coords, size_level0, scale, shape)),
+               RANK_LABEL),
+              ("absolute score", overlay(pixels, paint(absolute_values(values, score), coords, size_level0, scale,
+                                                       shape)), ABSOLUTE_LABELS[score])]
+    aspect = thumbnail.height / thumbnail.width
+    figure = Figure(figsize=(3 * 4.2, 4.2 * aspect + 1.4), dpi=max(100, thumbnail.width / 4.2), layout="constrained")
+    axes = figure.subplots(1, 3)
+    colours = ScalarMappable(norm=Normalize(0.0, 1.0), cmap=COLOURMAP)
+    for axis, (name, image, label) in zip(axes, panels):
+        axis.imshow(image, interpolation="nearest")
+        axis.set_title(name, fontsize=9)
+        axis.set_axis_off()
+        bar = figure.colorbar(colours, ax=axis, orientation="horizontal", fraction=0.05, pad=0.02)
+        bar.set_label(label or "", fontsize=8)
+        bar.ax.tick_params(labelsize=7)
+        bar.ax.set_visible(bool(label))  # the bare thumbnail keeps the same size as the panels beside it
+        for group, colour in OUTLINES.items():
+            for polygon in (polygons or {}).get(group, []):
+                ring = np.asarray(polygon.exterior.coords) * np.asarray(scale)
+                axis.plot(ring[:, 0], ring[:, 1], color=np.asarray(colour) / 255.0, linewidth=1.2, label=group)
+    drawn = [group for group in OUTLINES if (polygons or {}).get(group)]
+    if drawn:
+        handles = [Line2D([], [], color=np.asarray(OUTLINES[g]) / 255.0, linewidth=2, label=f"{g} annotation")
+                   for g in drawn]
+        figure.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False)
+    figure.suptitle(title, fontsize=10)
+    return figure
+
+
+def save_figure(figure: Figure, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png")
 
 
 def _slide_thumbnail(path: Path, max_size: int) -> tuple[Image.Image, tuple[int, int]]:
@@ -168,6 +188,27 @@ def _annotation_polygons(folder: str | None, slide_id: str) -> dict[str, list[An
     return read_polygons(path) if path is not None else {}
 
 
+def run_round(run: str | None, round_: int | None) -> int | None:
+    """The mining round: as given, else from a ``round_<k>`` folder in the run's path (``mil hnm`` layout)."""
+    if round_ is not None or not run:
+        return round_
+    found = [int(part[6:]) for part in Path(run).resolve().parts if re.fullmatch(r"round_\d+", part)]
+    return found[-1] if found else None
+
+
+def slide_info(run: str | None) -> dict[str, dict[str, Any]]:
+    """Label, slide score and split per slide from the run's predictions CSVs, for the titles."""
+    import pandas as pd
+
+    info: dict[str, dict[str, Any]] = {}
+    for path in sorted(Path(run).glob("predictions*.csv")) if run else []:
+        table = pd.read_csv(path, dtype={"slide_id": str})
+        if {"slide_id", "score"} <= set(table.columns):
+            for row in table.to_dict("records"):
+                info.setdefault(str(row["slide_id"]), {k: row.get(k) for k in ("label", "score", "split")})
+    return info
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="mil heatmap", description=__doc__)
     parser.add_argument("--config", action=ActionConfigFile)
@@ -184,6 +225,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--thumbnail_size", type=int, default=1024, help="longest thumbnail side in pixels")
     parser.add_argument("--geojson_top_k", type=int, default=0, help="also export the top-K patches as GeoJSON")
     parser.add_argument("--overwrite", type=bool, default=False, help="redo slides whose outputs exist")
+    parser.add_argument("--round", type=int | None, default=None,
+                        help="mining round for the titles; default: from a round_<k> folder in the --run path")
     return parser
 
 
@@ -202,6 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [s for s in wanted if s not in score_files]
     if unknown:
         raise InputError(f"--slide_ids {unknown[:5]}: no patch scores for them in {args.run or args.scores}")
+    info, round_ = slide_info(args.run), run_round(args.run, args.round)
     out = Path(args.out)
     written = skipped = 0
     for slide_id in tqdm(wanted, desc="heatmaps", unit="slide"):
@@ -218,10 +262,10 @@ def main(argv: list[str] | None = None) -> None:
         coords, values = read_patch_scores(score_files[slide_id], args.score)
         size = patch_size_level0(feature_files[slide_id], args.patch_size_level0)
         thumbnail, level0_size = _slide_thumbnail(slides[slide_id], args.thumbnail_size)
-        image = render(thumbnail, level0_size, coords, values, size, args.score,
-                       _annotation_polygons(args.annotations, slide_id))
-        with atomic_path(png) as tmp:
-            image.save(tmp, format="PNG")
+        figure = render(thumbnail, level0_size, coords, values, size, args.score,
+                        _annotation_polygons(args.annotations, slide_id),
+                        title_of(slide_id, {**info.get(slide_id, {}), "round": round_}))
+        save_figure(figure, png)
         if args.geojson_top_k:
             collection = top_k_geojson(coords, values, size, args.geojson_top_k, slide_id, args.score)
             with atomic_path(geojson) as tmp:

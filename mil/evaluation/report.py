@@ -225,7 +225,8 @@ def write_slide_metrics(out_dir: str | Path, evaluated: Predictions, val: Predic
     curves = {split: (evaluated.labels, evaluated.scores)}
     if val is not None and split != "val":
         curves["val"] = (val.labels, val.scores)
-    plot_roc(out_dir / ROC_NAME, curves, section["thresholds"], title=f"ROC ({split}, n={len(evaluated)})")
+    plot_roc(out_dir / ROC_NAME, curves, section["thresholds"], title=f"ROC ({split}, n={len(evaluated)})",
+             n_resamples=n_resamples, seed=seed)
     return metrics
 
 

@@ -27,16 +27,26 @@ QUALITY_NAME = "selection_quality.json"
 class MineArgs:
     """What ``mil mine`` reads and writes."""
 
-    scores: str  # a run directory or its patch_scores/ folder (from `mil predict --data.predict_split train`)
-    labels: str  # labels CSV: slide_id,label and split (or fold_<k>)
-    out: str  # selection CSV to write; selection_quality.json goes next to it
+    scores: str
+    """A run directory or its patch_scores/ folder (from `mil predict --data.predict_split train`)."""
+    labels: str
+    """Labels CSV: slide_id,label and split (or fold_<k>)."""
+    out: str
+    """Selection CSV to write; selection_quality.json goes next to it."""
     fold: int | None = None
-    round: int = 0  # mining round: sets the self-paced positive fraction r(round) and the random seed
-    annotations: str | None = None  # folder of ASAP XML / GeoJSON; enables selection quality
-    coords: str | None = None  # feature store (or coords folder) giving each slide's patch size at level 0
-    features: str | None = None  # the feature folder the scored model read: enables the twin test on positives
+    """Fold column fold_<k> of the labels CSV to mine; None = the split column."""
+    round: int = 0
+    """Mining round: sets the self-paced positive fraction r(round) and the random seed."""
+    annotations: str | None = None
+    """Folder of ASAP XML / GeoJSON; enables selection quality."""
+    coords: str | None = None
+    """Feature store (or coords folder) giving each slide's patch size at level 0."""
+    features: str | None = None
+    """The feature folder the scored model read: enables the twin test on positives."""
     label_map: dict[str, int] = field(default_factory=dict)
+    """Label text -> class index, e.g. {LUAD: 0, LUSC: 1}; default normal/negative=0, tumor/positive=1."""
     mining: MiningConfig = field(default_factory=MiningConfig)
+    """Thresholds and ratios of mining."""
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -33,17 +33,25 @@ log = logging.getLogger(__name__)
 class MiningConfig:
     """Every threshold and ratio of mining; the defaults follow ItS2CLR / HNM-WSI."""
 
-    threshold: float = 0.3  # on sigmoid(logit): patch probability a tumour-slide patch needs to be a candidate
+    threshold: float = 0.3
+    """On sigmoid(logit): patch probability a tumour-slide patch needs to be a candidate."""
     positives: PositiveSchedule = field(default_factory=PositiveSchedule)
-    neg_ratio: float = 0.1  # fraction of all normal-slide training patches kept as hard negatives (top by score)
-    random_ratio: float = 0.0  # extra fraction of normal-slide patches drawn at random as plain negatives
-    min_hard_negatives: int = 1  # at least this many, so tiny cohorts still give a hard-negative phase
-    max_positives: int | None = None  # caps keep a fine-tuning epoch bounded on huge cohorts
+    """Self-paced schedule of the positive fraction."""
+    neg_ratio: float = 0.1
+    """Fraction of all normal-slide training patches kept as hard negatives (top by score)."""
+    random_ratio: float = 0.0
+    """Extra fraction of normal-slide patches drawn at random as plain negatives."""
+    min_hard_negatives: int = 1
+    """At least this many, so tiny cohorts still give a hard-negative phase."""
+    max_positives: int | None = None
+    """Caps keep a fine-tuning epoch bounded on huge cohorts."""
     max_hard_negatives: int | None = None
-    # Candidates with a close twin on a normal slide are not trusted as positives (mil/mining/twins.py); needs
-    # the round's features. ``twins.k = 0`` turns the test off.
+    """Cap on hard negatives (None = no cap)."""
     twins: TwinFilter = field(default_factory=TwinFilter)
+    """Candidates with a close twin on a normal slide are not trusted as positives (mil/mining/twins.py); needs the
+    round's features. ``twins.k = 0`` turns the test off."""
     seed: int = 0
+    """Seeds random negatives and sampling."""
 
 
 def read_patch_scores(folder: str | Path, slide_ids: set[str] | None = None) -> pd.DataFrame:

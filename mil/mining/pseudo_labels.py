@@ -29,9 +29,13 @@ class PositiveSchedule:
     """
 
     start: float = 0.2
+    """Fraction of candidates taken as positives in the first rounds."""
     end: float = 0.8
+    """Fraction reached at the end of the ramp."""
     warmup_rounds: int = 0
+    """Rounds at the start fraction."""
     ramp_rounds: int = 3
+    """Rounds over which the fraction grows from start to end."""
 
     def fraction(self, round_index: int) -> float:
         progress = (round_index - self.warmup_rounds) / max(1, self.ramp_rounds)

@@ -31,12 +31,15 @@ from features.store import find_feature_files, read_bag, read_coords, rows_at
 class TwinFilter:
     """Settings of the twin test (``k = 0`` turns it off)."""
 
-    k: int = 20  # the tumour-slide neighbour rank compared with the nearest normal-slide patch
-    ratio: float = 1.0  # twin-free when d_normal > ratio * d_tumour
-    max_reference: int = 20_000  # patches sampled per class for the reference sets (memory bound)
-    # Only the highest-scoring candidates are tested (memory and time bound on large cohorts); the rest are not
-    # used as positives. Self-paced ranking takes the top candidates anyway.
+    k: int = 20
+    """The tumour-slide neighbour rank compared with the nearest normal-slide patch."""
+    ratio: float = 1.0
+    """Twin-free when d_normal > ratio * d_tumour."""
+    max_reference: int = 20_000
+    """Patches sampled per class for the reference sets (memory bound)."""
     max_candidates: int = 50_000
+    """Only the highest-scoring candidates are tested (memory and time bound on large cohorts); the rest are not used
+    as positives. Self-paced ranking takes the top candidates anyway."""
 
 
 def patch_features(features: str | Path, table: pd.DataFrame, rows: np.ndarray) -> np.ndarray:

@@ -321,8 +321,9 @@ def default_loggers(root: Path) -> list[Logger]:
     """W&B in offline mode (no account needed; ``wandb sync`` later) first, so the config lands in ``root``."""
     os.environ.setdefault("WANDB_MODE", "offline")
     root.mkdir(parents=True, exist_ok=True)
-    return [WandbLogger(save_dir=str(root), offline=True, project="hnm-mil", name=root.name),
-            CSVLogger(save_dir=str(root), name="csv")]
+    wandb = WandbLogger(save_dir=str(root), offline=True, project="hnm-mil", name=root.name)
+    wandb._wandb_init.pop("anonymous", None)  # Lightning passes a setting W&B deprecated; W&B warns on every run
+    return [wandb, CSVLogger(save_dir=str(root), name="csv")]
 
 
 def _run(subcommand: str, argv: list[str]) -> None:

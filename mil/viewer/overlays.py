@@ -20,7 +20,7 @@ from matplotlib import colormaps
 from PIL import Image
 from scipy.stats import rankdata
 
-from mil.evaluation.heatmap import COLOURMAP, absolute_values, paint, render
+from mil.evaluation.heatmap import COLOURMAP, absolute_values, paint, render, title_of
 from mil.evaluation.qupath import tiles_geojson, top_k_geojson
 from mil.viewer.catalog import KINDS, Catalog
 
@@ -110,15 +110,19 @@ def annotation_outlines(folder: Path | None, slide_id: str, tolerance: float = 0
 
 def heatmap_download(catalog: Catalog, slide_id: str, key: str, thumbnail: Image.Image,
                      level0_size: tuple[int, int]) -> bytes:
-    """The same two-panel PNG that ``mil heatmap`` writes, for one slide and source."""
+    """The same figure that ``mil heatmap`` writes (titled, with colour bars), for one slide and source."""
     from features.annotations import find_annotation, read_polygons
 
     coords, values = catalog.scores(slide_id, key)
     annotation = find_annotation(catalog.annotations, slide_id) if catalog.annotations else None
     polygons = read_polygons(annotation) if annotation else {}
-    image = render(thumbnail, level0_size, coords, values, catalog.patch_size_level0(slide_id), "instance", polygons)
+    slide = catalog.slides[slide_id]
+    info = {"label": slide.label, "score": slide.score, "split": slide.split,
+            "round": key[1:] if key.startswith("r") and key[1:].isdigit() else None}
+    figure = render(thumbnail, level0_size, coords, values, catalog.patch_size_level0(slide_id), "instance", polygons,
+                    title_of(slide_id, info))
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    figure.savefig(buffer, format="png")
     return buffer.getvalue()
 
 
