@@ -14,7 +14,7 @@ import logging
 import signal
 from types import FrameType
 
-from jsonargparse import ArgumentParser
+from jsonargparse import ActionConfigFile, ArgumentParser
 
 from features.errors import InputError
 from mil.viewer import assets
@@ -23,6 +23,7 @@ from mil.viewer.tiles import CACHE_TILES, TILE_SIZE
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="mil view", description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of these options")
     parser.add_argument("--run", type=str, required=True, help="run directory with patch_scores/ (mil test|predict)")
     parser.add_argument("--slides", type=str, required=True, help="slide folder, or CSV with slide_id,path")
     parser.add_argument("--annotations", type=str | None, default=None, help="folder of ASAP XML / GeoJSON outlines")
