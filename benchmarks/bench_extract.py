@@ -10,6 +10,11 @@ On the same slides, in one run, three rates in patches/s:
 way round). On a machine with few cores both stages compete for the same cores, so the best setting gives the
 model the cores and one worker the decoding, and a small encoder whose rate is far from the reader's.
 
+A second table answers "can the loader feed a GPU?" without one: the same pipeline with an encoder that costs
+nothing (global average pooling, 3-d output) against the reader alone, at 1 and 2 decode workers. Its
+``pipeline_over_read`` is the share of the pure read rate the extraction loop keeps (target >= 0.9), and the rates
+at 1 and 2 workers show how decoding scales with workers.
+
 Usage: ``python benchmarks/bench_extract.py --out bench_out [--slides slides.csv]``.
 """
 
@@ -25,7 +30,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from features.encoders import EncoderConfig, build_encoder
+from features.encoders import Encoder, EncoderConfig, build_encoder
 from features.extraction.extract import (CoordSource, ExtractOptions, GuardedPatches, SlideExtractor, SlideJob,
                                          slide_batches, tile)
 from features.patches import PatchDataset, items_for_slide
@@ -101,6 +106,36 @@ def run(out_dir: str | Path, slides: str | Path | None = None, encoder: str = "r
             "efficiency": round(full / min(read, encode), 3), "full_seconds": round(summary.seconds, 1),
             "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         })
+    return rows + loader_rows(out_dir, base, jobs, dataset)
+
+
+def free_encoder(encoder: Encoder) -> Encoder:
+    """The same transform and tag with a model that costs nothing: the mean colour of the patch."""
+    pool = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
+    return dataclasses.replace(encoder, model=pool, dim=3)
+
+
+def loader_rows(out_dir: Path, base: ExtractOptions, jobs: list[SlideJob], dataset: GuardedPatches,
+                workers_list: tuple[int, ...] = (1, 2)) -> list[dict[str, Any]]:
+    """Full extraction with a free encoder vs the reader alone, at each worker count (threads: 1 for the model)."""
+    from unittest import mock
+
+    import features.extraction.extract as extract_module
+
+    rows = []
+    refs = [job.ref for job in jobs]
+    for workers in workers_list:
+        torch.set_num_threads(1)
+        read = read_rate(jobs, dataset, base.batch_size, workers)
+        opts = dataclasses.replace(base, num_workers=workers, threads=1, overwrite=True,
+                                   out=str(out_dir / "extract_free"))
+        with mock.patch.object(extract_module, "build_encoder", lambda *a, **k: free_encoder(build_encoder(*a, **k))):
+            extractor = SlideExtractor(opts, torch.device("cpu"), Manifest(out_dir / "extract_free" / "manifest.csv"))
+        summary = extractor.run(refs)
+        full = summary.patches / summary.seconds
+        rows.append({"encoder": "free (mean colour)", "num_workers": workers, "patches": summary.patches,
+                     "read_per_s": round(read, 1), "pipeline_per_s": round(full, 1),
+                     "pipeline_over_read": round(full / read, 3)})
     return rows
 
 
@@ -108,7 +143,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     columns = ["encoder", "patch_size", "num_workers", "threads", "patches", "read_per_s", "encode_per_s",
                "full_per_s", "efficiency", "full_seconds"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(str(row[c]) for c in columns) + " |" for row in rows]
+    lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
 
 
