@@ -14,10 +14,10 @@ from sklearn.metrics import (
 )
 
 from mil.__main__ import main as mil_main
-from mil.evaluation.bootstrap import bootstrap, stratified_indices
+from mil.evaluation.bootstrap import Interval, bootstrap, stratified_indices
 from mil.evaluation.metrics import binary_statistic, multiclass_statistic
 from mil.evaluation.patch_truth import evaluate_patches, slide_truth
-from mil.evaluation.report import FIXED_NAME, YOUDEN_NAME, write_run_metrics
+from mil.evaluation.report import FIXED_NAME, YOUDEN_NAME, format_slide_table, write_run_metrics
 from mil.evaluation.thresholds import metrics_at_threshold, youden_threshold
 
 
@@ -81,6 +81,62 @@ def test_bootstrap_contains_point_and_is_seeded():
     for interval in first.values():
         assert interval.low <= interval.value <= interval.high
         assert interval.high - interval.low > 0
+
+
+def test_every_bootstrap_resample_keeps_the_class_counts():
+    # Whatever the statistic, it must only ever see resamples with the evaluated set's class counts.
+    labels = np.array([1] * 3 + [0] * 17)
+    rng = np.random.default_rng(0)
+    scores = rng.random(20)
+    seen: list[tuple[int, int]] = []
+
+    def counts(y: np.ndarray, s: np.ndarray) -> dict[str, float]:
+        seen.append((int((y == 1).sum()), int((y == 0).sum())))
+        return {"positives": float((y == 1).sum()), "mean_positive_score": float(s[y == 1].mean())}
+
+    intervals = bootstrap(counts, labels, scores, n_resamples=300, seed=1)
+    assert len(seen) == 301 and set(seen) == {(3, 17)}
+    assert intervals["positives"] == Interval(3.0, 3.0, 3.0)
+    # rows are resampled with their labels: a positive's score never travels with a negative's label
+    positive_mean = intervals["mean_positive_score"]
+    assert scores[labels == 1].min() <= positive_mean.low < positive_mean.high <= scores[labels == 1].max()
+
+
+def test_reported_interval_is_stratified_end_to_end(tmp_path):
+    # Every slide is predicted normal, so accuracy is exactly the share of normal slides in any resample that keeps
+    # the class counts: its interval collapses onto the point. An unstratified bootstrap would spread it.
+    labels = np.array([0] * 30 + [1] * 10)
+    write_predictions(tmp_path / "predictions_test.csv", labels, np.full(40, 0.1), "test")
+    slide = write_run_metrics(tmp_path, n_resamples=200, seed=0)["slide"]
+    accuracy = slide["metrics"][f"{FIXED_NAME}/accuracy"]
+    assert accuracy == {"value": pytest.approx(0.75), "ci_low": pytest.approx(0.75), "ci_high": pytest.approx(0.75)}
+    assert slide["bootstrap"]["stratified_by"] == "label"
+
+
+def test_percentile_interval_is_95_percent_wide():
+    # One class, statistic = mean: the bootstrap distribution of a mean of n normal draws is close to normal with
+    # sd = s / sqrt(n), so a 95% percentile interval spans 2 x 1.96 sd (a 90% one only 2 x 1.645 sd).
+    values = np.random.default_rng(0).normal(size=400)
+    mean = lambda y, s: {"mean": float(s.mean())}  # noqa: E731
+    interval = bootstrap(mean, np.zeros(400, dtype=int), values, n_resamples=4000, seed=0)["mean"]
+    sd = values.std() / np.sqrt(len(values))
+    assert (interval.high - interval.low) / (2 * 1.96 * sd) == pytest.approx(1.0, abs=0.06)
+    assert interval.low < values.mean() < interval.high
+
+
+def test_reported_interval_level_matches_its_label(tmp_path):
+    # metrics.json and the printed table call the interval 95%: the stored bounds must be the 2.5th and 97.5th
+    # percentiles of the resampled statistic, recomputed here from the same stratified resamples.
+    labels, scores = noisy_predictions(50, 1.0, seed=3)
+    write_predictions(tmp_path / "predictions_test.csv", labels, scores, "test")
+    slide = write_run_metrics(tmp_path, n_resamples=400, seed=5)["slide"]
+    assert slide["bootstrap"]["level"] == pytest.approx(0.95)
+    aucs = [roc_auc_score(labels[i], scores[i]) for i in stratified_indices(labels, 400, seed=5)]
+    low, high = np.quantile(aucs, [0.025, 0.975])
+    assert slide["metrics"]["auc"]["ci_low"] == pytest.approx(low)
+    assert slide["metrics"]["auc"]["ci_high"] == pytest.approx(high)
+    assert "95% CI" in format_slide_table(slide)
+    assert "90% CI" in format_slide_table({**slide, "bootstrap": {**slide["bootstrap"], "level": 0.9}})
 
 
 def test_thresholds_come_from_validation_not_test(tmp_path):
