@@ -9,8 +9,10 @@ HNM_CONFIG ?= configs/demo/hnm.yaml
 ROUNDS ?= 1
 OUT ?= demo_out
 TEST_WORKERS ?= 2
+MUTANTS ?= mil.losses.* mil.evaluation.* mil.mining.* mil.training.module.*
+MUTATE_WORKERS ?= 2
 
-.PHONY: install demo extract train hnm test bench clean
+.PHONY: install demo extract train hnm test bench clean mutate
 
 install: $(STAMP)
 
@@ -35,8 +37,14 @@ hnm: install
 test: install
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) $(ARGS)
 
+# Mutation testing ([tool.mutmut] in pyproject.toml, docs/testing.md); not part of `make test`.
+mutate: install
+	$(BIN)/python -m pip install --quiet -e '.[mutate]'
+	env -u PYTHONPATH WANDB_MODE=offline HF_HUB_OFFLINE=1 $(BIN)/mutmut run --max-children $(MUTATE_WORKERS) $(MUTANTS)
+	$(BIN)/mutmut export-cicd-stats && cat mutants/mutmut-cicd-stats.json
+
 bench: install
 	$(BIN)/python benchmarks/run_all.py --out bench_out $(ARGS)
 
 clean:
-	rm -rf $(OUT) bench_out runs wandb lightning_logs .pytest_cache
+	rm -rf $(OUT) bench_out runs wandb lightning_logs .pytest_cache mutants
