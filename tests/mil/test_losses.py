@@ -104,3 +104,32 @@ def test_auto_pos_weight_and_multiclass():
     logits = torch.tensor([[2.0, 0.0, -1.0]])
     terms = multi(AggregatorOutput(logits, torch.zeros(1, 2)), torch.ones(1, 2, dtype=torch.bool), torch.tensor([0]))
     assert terms["loss"].item() == pytest.approx(torch.nn.functional.cross_entropy(logits, torch.tensor([0])).item())
+
+
+def test_defaults_are_the_paper_settings_and_a_plain_bag_loss():
+    # Defaults: no ranking or max-instance term unless configured, k = 10 and margin 1 as in HNM-WSI.
+    logits, labels = torch.tensor([[1.5], [-0.5]]), torch.tensor([1, 0])
+    scores = torch.arange(24, dtype=torch.float32).reshape(2, 12) * torch.tensor([[1.0], [0.5]])
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    terms = BagLoss()(AggregatorOutput(logits, scores), mask, labels)
+    assert set(terms) == {"bag", "loss"} and terms["loss"].item() == pytest.approx(terms["bag"].item())
+    ranked = BagLoss(ranking_weight=1.0)(AggregatorOutput(logits, scores), mask, labels)["ranking"]
+    top10 = (scores[0, 2:].mean(), scores[1, 2:].mean())  # 12 distinct scores per bag: the top 10 drop 2
+    expected = max(0.0, 1.0 - top10[0].item() + top10[1].item())
+    assert ranked.item() == pytest.approx(expected)
+    assert patch_ranking_loss(scores, mask, labels).item() == pytest.approx(expected)
+
+
+def test_pos_weight_settings():
+    assert BagLoss().pos_weight.item() == 1.0  # "auto" before the data module sets it: unweighted
+    fixed = BagLoss(pos_weight=2.5)
+    fixed.set_auto_pos_weight(7.0)  # a number given by the user is never overridden
+    assert fixed.pos_weight.item() == 2.5
+    off = BagLoss(pos_weight=None)
+    off.set_auto_pos_weight(7.0)
+    logits, labels = torch.tensor([[0.3]]), torch.tensor([1])
+    plain = torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 0], labels.float())
+    assert off(AggregatorOutput(logits, torch.zeros(1, 1)), torch.ones(1, 1, dtype=torch.bool), labels)[
+        "loss"].item() == pytest.approx(plain.item())
+    with pytest.raises(ValueError, match="pos_weight must be 'auto'"):
+        BagLoss(pos_weight="balanced")
