@@ -58,6 +58,26 @@ def test_multiclass_metrics_match_sklearn():
     assert got["f1"] == pytest.approx(f1_score(labels, predicted, average="macro"))
 
 
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
+def test_multiclass_metrics_with_absent_and_unpredicted_classes():
+    # What bootstrap resamples of a small multi-class set look like: a class absent from the labels, a present
+    # class never predicted, one class only, nothing at all. Macro means run over the classes that are defined.
+    probs = np.array([[0.7, 0.2, 0.1], [0.6, 0.3, 0.1], [0.2, 0.1, 0.7], [0.3, 0.6, 0.1], [0.5, 0.4, 0.1]])
+    labels = np.array([0, 0, 1, 1, 1])  # class 2 absent but predicted once; class 1 present, predicted once
+    got = multiclass_statistic(labels, probs)
+    predicted = probs.argmax(axis=1)
+    assert got["auc"] == pytest.approx(np.mean([roc_auc_score(labels == c, probs[:, c]) for c in (0, 1)]))
+    assert got["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(labels, predicted))
+    assert got["f1"] == pytest.approx(f1_score(labels, predicted, labels=[0, 1, 2], average="macro"))
+    never = np.array([[0.9, 0.05, 0.05], [0.2, 0.7, 0.1], [0.8, 0.1, 0.1]])  # class 2 present, never predicted
+    got = multiclass_statistic(np.array([0, 1, 2]), never)
+    assert got["f1"] == pytest.approx(f1_score([0, 1, 2], never.argmax(1), average="macro"))  # class 2 counts as 0
+    one_class = multiclass_statistic(np.array([1, 1]), probs[:2])
+    assert np.isnan(one_class["auc"]) and one_class["accuracy"] == 0.0 and one_class["balanced_accuracy"] == 0.0
+    empty = multiclass_statistic(np.array([], dtype=int), np.zeros((0, 3)))
+    assert all(np.isnan(v) for v in empty.values())
+
+
 def test_stratified_resamples_keep_class_counts_even_with_one_positive():
     labels = np.array([0] * 29 + [1])
     index = stratified_indices(labels, 200, seed=0)
