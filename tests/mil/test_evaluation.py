@@ -41,7 +41,7 @@ def test_youden_on_a_hand_computed_set():
     assert youden_threshold(labels, scores) == pytest.approx(0.6)
     # a tie in J (0.8 and 0.35 both give .5) goes to the higher threshold
     assert youden_threshold([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == pytest.approx(0.8)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="Youden's J needs both classes"):
         youden_threshold([1, 1], [0.2, 0.3])
 
 
