@@ -40,7 +40,7 @@ test: install
 # Mutation testing ([tool.mutmut] in pyproject.toml, docs/testing.md); not part of `make test`.
 mutate: install
 	$(BIN)/python -m pip install --quiet -e '.[mutate]'
-	env -u PYTHONPATH WANDB_MODE=offline HF_HUB_OFFLINE=1 $(BIN)/mutmut run --max-children $(MUTATE_WORKERS) $(MUTANTS)
+	env -u PYTHONPATH WANDB_MODE=offline HF_HUB_OFFLINE=1 $(BIN)/mutmut run --max-children $(MUTATE_WORKERS) $(foreach m,$(MUTANTS),'$(m)')
 	$(BIN)/mutmut export-cicd-stats && cat mutants/mutmut-cicd-stats.json
 
 bench: install
