@@ -94,6 +94,10 @@ def test_ranking_term_is_averaged_over_every_pair_in_the_total():
         AggregatorOutput(torch.zeros(4, 1), scores), torch.ones(4, 1, dtype=torch.bool), labels)
     assert terms["ranking"].item() == pytest.approx(0.5)
     assert terms["loss"].item() == pytest.approx(2.0 * 0.5)
+    # the configured margin reaches the hinge: margin 3 -> 4, 2, 2, 0 -> mean 2
+    wide = BagLoss(pos_weight=None, bag_weight=0.0, ranking_weight=1.0, ranking_k=1, ranking_margin=3.0)(
+        AggregatorOutput(torch.zeros(4, 1), scores), torch.ones(4, 1, dtype=torch.bool), labels)
+    assert wide["ranking"].item() == pytest.approx(2.0)
 
 
 def test_auto_pos_weight_and_multiclass():
