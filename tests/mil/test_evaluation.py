@@ -149,9 +149,9 @@ def test_reported_interval_level_matches_its_label(tmp_path):
     # percentiles of the resampled statistic, recomputed here from the same stratified resamples.
     labels, scores = noisy_predictions(50, 1.0, seed=3)
     write_predictions(tmp_path / "predictions_test.csv", labels, scores, "test")
-    slide = write_run_metrics(tmp_path, n_resamples=400, seed=5)["slide"]
+    slide = write_run_metrics(tmp_path, n_resamples=200, seed=5)["slide"]
     assert slide["bootstrap"]["level"] == pytest.approx(0.95)
-    aucs = [roc_auc_score(labels[i], scores[i]) for i in stratified_indices(labels, 400, seed=5)]
+    aucs = [roc_auc_score(labels[i], scores[i]) for i in stratified_indices(labels, 200, seed=5)]
     low, high = np.quantile(aucs, [0.025, 0.975])
     assert slide["metrics"]["auc"]["ci_low"] == pytest.approx(low)
     assert slide["metrics"]["auc"]["ci_high"] == pytest.approx(high)
