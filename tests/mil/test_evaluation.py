@@ -34,6 +34,18 @@ def test_threshold_metrics_match_sklearn():
         assert got["specificity"] == pytest.approx(recall_score(1 - labels, 1 - predicted))
 
 
+def test_threshold_metrics_on_one_class_and_empty_sets():
+    # Bootstrap resamples and small validation sets hit these: an undefined ratio is NaN, balanced accuracy is
+    # the defined one of sensitivity/specificity, and F1 is 0 when there is nothing positive at all.
+    normals = metrics_at_threshold([0, 0, 0], [0.1, 0.7, 0.2], 0.5)
+    assert np.isnan(normals["sensitivity"]) and normals["specificity"] == pytest.approx(2 / 3)
+    assert normals["balanced_accuracy"] == pytest.approx(2 / 3) and normals["f1"] == 0.0
+    quiet = metrics_at_threshold([0, 0], [0.1, 0.2], 0.5)
+    assert quiet["f1"] == 0.0 and quiet["accuracy"] == 1.0 and quiet["balanced_accuracy"] == 1.0
+    empty = metrics_at_threshold([], [], 0.5)
+    assert all(np.isnan(empty[name]) for name in ("accuracy", "balanced_accuracy", "sensitivity", "specificity"))
+
+
 def test_youden_on_a_hand_computed_set():
     # J at each cut: 0.9 -> .25, 0.7 -> .5, 0.6 -> .75 (3/4 positives, no negatives), 0.5 -> .417, 0.3 -> .667
     labels = [0, 0, 0, 1, 1, 1, 1]
@@ -120,6 +132,16 @@ def test_every_bootstrap_resample_keeps_the_class_counts():
     # rows are resampled with their labels: a positive's score never travels with a negative's label
     positive_mean = intervals["mean_positive_score"]
     assert scores[labels == 1].min() <= positive_mean.low < positive_mean.high <= scores[labels == 1].max()
+
+
+def test_bootstrap_with_one_resample_one_slide_or_none():
+    mean = lambda y, s: {"mean": float(np.mean(s))}  # noqa: E731
+    one = bootstrap(mean, np.array([0]), np.array([0.3]), n_resamples=10)["mean"]
+    assert one == Interval(0.3, 0.3, 0.3)  # a single slide resamples to itself
+    single = bootstrap(mean, np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.8, 0.9]), n_resamples=1)["mean"]
+    assert np.isfinite(single.low) and single.low == single.high
+    off = bootstrap(mean, np.array([0, 1]), np.array([0.1, 0.9]), n_resamples=0)["mean"]
+    assert off.value == pytest.approx(0.5) and np.isnan(off.low) and np.isnan(off.high)
 
 
 def test_reported_interval_is_stratified_end_to_end(tmp_path):
