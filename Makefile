@@ -9,8 +9,10 @@ HNM_CONFIG ?= configs/demo/hnm.yaml
 ROUNDS ?= 1
 OUT ?= demo_out
 TEST_WORKERS ?= 2
+MUTANTS ?= mil.losses.* mil.evaluation.* mil.mining.* mil.training.module.*
+MUTATE_WORKERS ?= 2
 
-.PHONY: install demo extract train hnm test test-slow bench clean
+.PHONY: install demo extract train hnm test test-slow bench clean mutate
 
 install: $(STAMP)
 
@@ -39,8 +41,14 @@ test: install
 test-slow: install  # end-to-end runs, e.g. the README's pipeline block on the tiny cohort (minutes)
 	$(BIN)/python -m pytest -q -m slow $(ARGS)
 
+# Mutation testing ([tool.mutmut] in pyproject.toml, docs/testing.md); not part of `make test`.
+mutate: install
+	$(BIN)/python -m pip install --quiet -e '.[mutate]'
+	env -u PYTHONPATH WANDB_MODE=offline HF_HUB_OFFLINE=1 $(BIN)/mutmut run --max-children $(MUTATE_WORKERS) $(foreach m,$(MUTANTS),'$(m)')
+	$(BIN)/mutmut export-cicd-stats && cat mutants/mutmut-cicd-stats.json
+
 bench: install
 	$(BIN)/python benchmarks/run_all.py --out bench_out $(ARGS)
 
 clean:
-	rm -rf $(OUT) bench_out runs wandb lightning_logs .pytest_cache
+	rm -rf $(OUT) bench_out runs wandb lightning_logs .pytest_cache mutants

@@ -88,7 +88,7 @@ class Encoder:
     tag: str
 
     def attrs(self) -> dict[str, Any]:
-        """The SPEC feature attributes (plus timm/torch versions) for :func:`features.store.write_features`."""
+        """The feature attributes (docs/formats.md), with timm/torch versions, for :func:`features.store.write_features`."""
         import timm
 
         weights = self.config.weights or (f"hf-hub:{self.config.hub}" if self.config.hub else

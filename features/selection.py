@@ -1,6 +1,6 @@
 """The selection file: which patches mining chose, and as what.
 
-``mil mine`` writes it; ``features finetune`` reads it. Columns (SPEC.md): ``slide_id,x,y,pseudo_label,score,kind``
+``mil mine`` writes it; ``features finetune`` reads it. Columns (docs/formats.md): ``slide_id,x,y,pseudo_label,score,kind``
 with ``kind`` in ``positive|hard_negative|negative``; ``x, y`` are level-0 top-left coordinates as in the store.
 Extra columns (``truth``, ``round`` ...) are kept but never required.
 """

@@ -1,6 +1,6 @@
 """The feature store: one self-describing HDF5 file per slide, written atomically.
 
-Layout (see SPEC.md): ``<out>/coords/<slide_id>.h5`` holds dataset ``coords`` (N, 2) int64, the top-left x, y
+Layout (docs/formats.md): ``<out>/coords/<slide_id>.h5`` holds dataset ``coords`` (N, 2) int64, the top-left x, y
 of each patch in level-0 pixels, with the tiling geometry as attributes; ``<out>/features/<tag>/<slide_id>.h5``
 holds the same ``coords`` plus ``features`` (N, D) and optional ``features_views`` (V, N, D). Files are written
 under a temporary name in the same folder and renamed when complete, so a file that exists is complete and a

@@ -243,11 +243,12 @@ def write_run_metrics(run_dir: str | Path, n_resamples: int = DEFAULT_N, seed: i
 
 def format_slide_table(section: dict[str, Any]) -> str:
     """A readable markdown table of the ``slide`` section."""
+    ci = f"{section['bootstrap']['level']:.0%} CI"  # the label comes from the level the bounds were computed at
     lines = [f"slide metrics on {section['evaluated_split']} (n={section['n_slides']}, "
-             f"{section['bootstrap']['n_resamples']} stratified bootstrap resamples, 95% CI)",
+             f"{section['bootstrap']['n_resamples']} stratified bootstrap resamples, {ci})",
              "thresholds: " + (", ".join(f"{k}={v:.4g}" for k, v in section["thresholds"].items()) or "argmax")
              + f" ({section['threshold_source']})", "",
-             "| metric | value | 95% CI |", "|---|---|---|"]
+             f"| metric | value | {ci} |", "|---|---|---|"]
     for name, m in section["metrics"].items():
         lines.append(f"| {name} | {_fmt(m['value'])} | [{_fmt(m['ci_low'])}, {_fmt(m['ci_high'])}] |")
     lines += [f"note: {note}" for note in section.get("notes", [])]

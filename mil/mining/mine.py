@@ -98,7 +98,7 @@ def training_patch_table(scores: pd.DataFrame, labels: pd.DataFrame) -> pd.DataF
 
 def select_patches(table: pd.DataFrame, config: MiningConfig, round_index: int = 0,
                    features: str | Path | None = None) -> pd.DataFrame:
-    """The selection (SPEC columns + ``prob``, ``slide_label``) from a training patch table.
+    """The selection (the columns of docs/formats.md + ``prob``, ``slide_label``) from a training patch table.
 
     With ``features`` (the folder the scored model read), positive candidates with a normal-slide twin are
     dropped first; how many is in ``selection.attrs["positive_twins_removed"]``.

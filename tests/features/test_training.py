@@ -66,10 +66,21 @@ def test_supcon_matches_a_loop_over_anchors():
 
 
 def test_supcon_gradient_pulls_positives_together():
+    # Two patches, two views each: a small gradient-descent step must lower the loss and bring each patch's two
+    # views closer (cosine up), i.e. the gradient points the right way, not merely exists.
     z = torch.tensor([[E1, [0.6, 0.8]], [E2, [0.8, 0.6]]], requires_grad=True)
     loss = supcon_loss(z, None, 0.5)
     loss.backward()
     assert torch.isfinite(z.grad).all() and loss.item() > 0
+
+    def view_cosines(emb: torch.Tensor) -> torch.Tensor:
+        unit = torch.nn.functional.normalize(emb, dim=-1)
+        return (unit[:, 0] * unit[:, 1]).sum(-1)
+
+    with torch.no_grad():
+        stepped = z - 0.01 * z.grad
+        assert supcon_loss(stepped, None, 0.5) < loss
+        assert (view_cosines(stepped) > view_cosines(z) + 1e-3).all()
 
 
 def test_augment_keeps_size_and_gives_distinct_views():

@@ -67,9 +67,23 @@ def test_abmil_bag_logit_is_attention_weighted_instance_logit():
 
 
 def test_max_pool_picks_the_planted_patch():
-    model = MaxPool(in_dim=12, num_classes=2).eval()
+    # Patch logit = relu(feature 0): plant one strong patch per bag at a known position, and a stronger value in
+    # bag 1's padding that must be ignored. The bag logit is the planted patch's logit, nothing else.
+    model = MaxPool(in_dim=12, num_classes=2, dropout=0.0).eval()
+    with torch.no_grad():
+        first, last = model.embed[0], model.classifier
+        first.weight.zero_(), first.bias.zero_(), last.weight.zero_(), last.bias.zero_()
+        first.weight[0, 0] = 1.0
+        last.weight[0, 0] = 1.0
     x, mask = _batch()
+    x[..., 0] = x[..., 0].clamp(-1.0, 1.0)  # background patches score at most 1
+    planted = {0: (7, 5.0), 1: (3, 8.0), 2: (1, 6.0)}
+    for bag, (row, value) in planted.items():
+        x[bag, row, 0] = value
+    x[1, 8, 0] = 100.0  # padding (bag 1 has 5 valid patches)
     out = model(x, mask)
+    torch.testing.assert_close(out.logits[:, 0], torch.tensor([v for _, v in planted.values()]))
+    assert out.instance_scores.argmax(1).tolist() == [row for row, _ in planted.values()]
     torch.testing.assert_close(out.logits[:, 0], out.instance_scores.masked_fill(~mask, -1e9).max(1).values)
 
 

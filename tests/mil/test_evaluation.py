@@ -14,10 +14,10 @@ from sklearn.metrics import (
 )
 
 from mil.__main__ import main as mil_main
-from mil.evaluation.bootstrap import bootstrap, stratified_indices
+from mil.evaluation.bootstrap import Interval, bootstrap, stratified_indices
 from mil.evaluation.metrics import binary_statistic, multiclass_statistic
 from mil.evaluation.patch_truth import evaluate_patches, slide_truth
-from mil.evaluation.report import FIXED_NAME, YOUDEN_NAME, write_run_metrics
+from mil.evaluation.report import FIXED_NAME, YOUDEN_NAME, format_slide_table, write_run_metrics
 from mil.evaluation.thresholds import metrics_at_threshold, youden_threshold
 
 
@@ -34,6 +34,18 @@ def test_threshold_metrics_match_sklearn():
         assert got["specificity"] == pytest.approx(recall_score(1 - labels, 1 - predicted))
 
 
+def test_threshold_metrics_on_one_class_and_empty_sets():
+    # Bootstrap resamples and small validation sets hit these: an undefined ratio is NaN, balanced accuracy is
+    # the defined one of sensitivity/specificity, and F1 is 0 when there is nothing positive at all.
+    normals = metrics_at_threshold([0, 0, 0], [0.1, 0.7, 0.2], 0.5)
+    assert np.isnan(normals["sensitivity"]) and normals["specificity"] == pytest.approx(2 / 3)
+    assert normals["balanced_accuracy"] == pytest.approx(2 / 3) and normals["f1"] == 0.0
+    quiet = metrics_at_threshold([0, 0], [0.1, 0.2], 0.5)
+    assert quiet["f1"] == 0.0 and quiet["accuracy"] == 1.0 and quiet["balanced_accuracy"] == 1.0
+    empty = metrics_at_threshold([], [], 0.5)
+    assert all(np.isnan(empty[name]) for name in ("accuracy", "balanced_accuracy", "sensitivity", "specificity"))
+
+
 def test_youden_on_a_hand_computed_set():
     # J at each cut: 0.9 -> .25, 0.7 -> .5, 0.6 -> .75 (3/4 positives, no negatives), 0.5 -> .417, 0.3 -> .667
     labels = [0, 0, 0, 1, 1, 1, 1]
@@ -41,7 +53,7 @@ def test_youden_on_a_hand_computed_set():
     assert youden_threshold(labels, scores) == pytest.approx(0.6)
     # a tie in J (0.8 and 0.35 both give .5) goes to the higher threshold
     assert youden_threshold([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == pytest.approx(0.8)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="Youden's J needs both classes"):
         youden_threshold([1, 1], [0.2, 0.3])
 
 
@@ -56,6 +68,26 @@ def test_multiclass_metrics_match_sklearn():
     assert got["accuracy"] == pytest.approx(accuracy_score(labels, predicted))
     assert got["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(labels, predicted))
     assert got["f1"] == pytest.approx(f1_score(labels, predicted, average="macro"))
+
+
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
+def test_multiclass_metrics_with_absent_and_unpredicted_classes():
+    # What bootstrap resamples of a small multi-class set look like: a class absent from the labels, a present
+    # class never predicted, one class only, nothing at all. Macro means run over the classes that are defined.
+    probs = np.array([[0.7, 0.2, 0.1], [0.6, 0.3, 0.1], [0.2, 0.1, 0.7], [0.3, 0.6, 0.1], [0.5, 0.4, 0.1]])
+    labels = np.array([0, 0, 1, 1, 1])  # class 2 absent but predicted once; class 1 present, predicted once
+    got = multiclass_statistic(labels, probs)
+    predicted = probs.argmax(axis=1)
+    assert got["auc"] == pytest.approx(np.mean([roc_auc_score(labels == c, probs[:, c]) for c in (0, 1)]))
+    assert got["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(labels, predicted))
+    assert got["f1"] == pytest.approx(f1_score(labels, predicted, labels=[0, 1, 2], average="macro"))
+    never = np.array([[0.9, 0.05, 0.05], [0.2, 0.7, 0.1], [0.8, 0.1, 0.1]])  # class 2 present, never predicted
+    got = multiclass_statistic(np.array([0, 1, 2]), never)
+    assert got["f1"] == pytest.approx(f1_score([0, 1, 2], never.argmax(1), average="macro"))  # class 2 counts as 0
+    one_class = multiclass_statistic(np.array([1, 1]), probs[:2])
+    assert np.isnan(one_class["auc"]) and one_class["accuracy"] == 0.0 and one_class["balanced_accuracy"] == 0.0
+    empty = multiclass_statistic(np.array([], dtype=int), np.zeros((0, 3)))
+    assert all(np.isnan(v) for v in empty.values())
 
 
 def test_stratified_resamples_keep_class_counts_even_with_one_positive():
@@ -81,6 +113,72 @@ def test_bootstrap_contains_point_and_is_seeded():
     for interval in first.values():
         assert interval.low <= interval.value <= interval.high
         assert interval.high - interval.low > 0
+
+
+def test_every_bootstrap_resample_keeps_the_class_counts():
+    # Whatever the statistic, it must only ever see resamples with the evaluated set's class counts.
+    labels = np.array([1] * 3 + [0] * 17)
+    rng = np.random.default_rng(0)
+    scores = rng.random(20)
+    seen: list[tuple[int, int]] = []
+
+    def counts(y: np.ndarray, s: np.ndarray) -> dict[str, float]:
+        seen.append((int((y == 1).sum()), int((y == 0).sum())))
+        return {"positives": float((y == 1).sum()), "mean_positive_score": float(s[y == 1].mean())}
+
+    intervals = bootstrap(counts, labels, scores, n_resamples=300, seed=1)
+    assert len(seen) == 301 and set(seen) == {(3, 17)}
+    assert intervals["positives"] == Interval(3.0, 3.0, 3.0)
+    # rows are resampled with their labels: a positive's score never travels with a negative's label
+    positive_mean = intervals["mean_positive_score"]
+    assert scores[labels == 1].min() <= positive_mean.low < positive_mean.high <= scores[labels == 1].max()
+
+
+def test_bootstrap_with_one_resample_one_slide_or_none():
+    mean = lambda y, s: {"mean": float(np.mean(s))}  # noqa: E731
+    one = bootstrap(mean, np.array([0]), np.array([0.3]), n_resamples=10)["mean"]
+    assert one == Interval(0.3, 0.3, 0.3)  # a single slide resamples to itself
+    single = bootstrap(mean, np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.8, 0.9]), n_resamples=1)["mean"]
+    assert np.isfinite(single.low) and single.low == single.high
+    off = bootstrap(mean, np.array([0, 1]), np.array([0.1, 0.9]), n_resamples=0)["mean"]
+    assert off.value == pytest.approx(0.5) and np.isnan(off.low) and np.isnan(off.high)
+
+
+def test_reported_interval_is_stratified_end_to_end(tmp_path):
+    # Every slide is predicted normal, so accuracy is exactly the share of normal slides in any resample that keeps
+    # the class counts: its interval collapses onto the point. An unstratified bootstrap would spread it.
+    labels = np.array([0] * 30 + [1] * 10)
+    write_predictions(tmp_path / "predictions_test.csv", labels, np.full(40, 0.1), "test")
+    slide = write_run_metrics(tmp_path, n_resamples=200, seed=0)["slide"]
+    accuracy = slide["metrics"][f"{FIXED_NAME}/accuracy"]
+    assert accuracy == {"value": pytest.approx(0.75), "ci_low": pytest.approx(0.75), "ci_high": pytest.approx(0.75)}
+    assert slide["bootstrap"]["stratified_by"] == "label"
+
+
+def test_percentile_interval_is_95_percent_wide():
+    # One class, statistic = mean: the bootstrap distribution of a mean of n normal draws is close to normal with
+    # sd = s / sqrt(n), so a 95% percentile interval spans 2 x 1.96 sd (a 90% one only 2 x 1.645 sd).
+    values = np.random.default_rng(0).normal(size=400)
+    mean = lambda y, s: {"mean": float(s.mean())}  # noqa: E731
+    interval = bootstrap(mean, np.zeros(400, dtype=int), values, n_resamples=4000, seed=0)["mean"]
+    sd = values.std() / np.sqrt(len(values))
+    assert (interval.high - interval.low) / (2 * 1.96 * sd) == pytest.approx(1.0, abs=0.06)
+    assert interval.low < values.mean() < interval.high
+
+
+def test_reported_interval_level_matches_its_label(tmp_path):
+    # metrics.json and the printed table call the interval 95%: the stored bounds must be the 2.5th and 97.5th
+    # percentiles of the resampled statistic, recomputed here from the same stratified resamples.
+    labels, scores = noisy_predictions(50, 1.0, seed=3)
+    write_predictions(tmp_path / "predictions_test.csv", labels, scores, "test")
+    slide = write_run_metrics(tmp_path, n_resamples=200, seed=5)["slide"]
+    assert slide["bootstrap"]["level"] == pytest.approx(0.95)
+    aucs = [roc_auc_score(labels[i], scores[i]) for i in stratified_indices(labels, 200, seed=5)]
+    low, high = np.quantile(aucs, [0.025, 0.975])
+    assert slide["metrics"]["auc"]["ci_low"] == pytest.approx(low)
+    assert slide["metrics"]["auc"]["ci_high"] == pytest.approx(high)
+    assert "95% CI" in format_slide_table(slide)
+    assert "90% CI" in format_slide_table({**slide, "bootstrap": {**slide["bootstrap"], "level": 0.9}})
 
 
 def test_thresholds_come_from_validation_not_test(tmp_path):
