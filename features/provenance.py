@@ -238,6 +238,7 @@ def features_settings(opts: Any, encoder: Any) -> dict[str, Any]:
         "encoder.weights_sha256": encoder.weights_sha256,
         "encoder.seed": int(encoder.config.seed),
         "encoder.model_kwargs": dict(encoder.config.model_kwargs),
+        "encoder.pooling": getattr(encoder.config, "pooling", "model"),
         "encoder.transform": transform_settings(encoder.transform_spec),
         "tta": opts.tta,
         "views": int(opts.views),
@@ -271,7 +272,8 @@ def attrs_settings(coord_attrs: Mapping[str, Any], feature_attrs: Mapping[str, A
             settings[name] = coord_attrs[attr]
     feature_attrs = feature_attrs or {}
     for name, attr in (("encoder.name", "encoder"), ("encoder.weights_sha256", "weights_sha256"),
-                       ("encoder.seed", "encoder_seed"), ("tta", "tta"), ("views", "n_views"), ("dtype", "dtype")):
+                       ("encoder.seed", "encoder_seed"), ("encoder.pooling", "pooling"), ("tta", "tta"),
+                       ("views", "n_views"), ("dtype", "dtype")):
         if attr in feature_attrs:
             settings[name] = feature_attrs[attr]
     if "model_kwargs" in feature_attrs:

@@ -49,8 +49,8 @@ COORD_ATTRS = (
 FEATURE_ATTRS = ("encoder", "weights", "weights_sha256", "transform", "dtype", "hnm_mil_version")
 # What a reader compares across the files of one folder (see features.provenance.attrs_settings).
 COMPARED_COORD_ATTRS = ("target_mpp", "patch_size", "overlap")
-COMPARED_FEATURE_ATTRS = ("encoder", "weights_sha256", "encoder_seed", "tta", "n_views", "dtype", "model_kwargs",
-                          "transform")
+COMPARED_FEATURE_ATTRS = ("encoder", "weights_sha256", "encoder_seed", "pooling", "tta", "n_views", "dtype",
+                          "model_kwargs", "transform")
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._\-+ ()\[\]]+$")
 

@@ -155,6 +155,7 @@ def test_a_folder_mixing_encoders_is_refused_naming_two_files(tmp_path):
     ("weights_sha256", ["ab" * 32, "cd" * 32], "encoder.weights_sha256"),
     ("encoder_seed", [0, 7], "encoder.seed: 0 vs 7"),
     ("dtype", ["float32", "float16"], "dtype: 'float32' vs 'float16'"),
+    ("pooling", ["model", "cls_mean"], "encoder.pooling: 'model' vs 'cls_mean'"),
     ("transform", [json.dumps({"input_size": [3, 64, 64]}), json.dumps({"input_size": [3, 96, 96]})],
      "encoder.transform"),
 ])
