@@ -29,7 +29,7 @@ class MineArgs:
 
     scores: str  # a run directory or its patch_scores/ folder (from `mil predict --data.predict_split train`)
     labels: str  # labels CSV: slide_id,label and split (or fold_<k>)
-    out: str  # selection CSV to write; selection_quality.json goes next to it
+    out: str  # selection CSV to write; selection_quality.json (label-free pool check + quality) goes next to it
     fold: int | None = None
     round: int = 0  # mining round: sets the self-paced positive fraction r(round) and the random seed
     annotations: str | None = None  # folder of ASAP XML / GeoJSON; enables selection quality
@@ -74,9 +74,15 @@ def mine(args: MineArgs) -> pd.DataFrame:
     print(f"selection: {args.out}  " + "  ".join(f"{kind}={n}" for kind, n in counts.items())
           + f"  (from {len(table)} patches of {table['slide_id'].nunique()} training slides"
           + ("" if removed is None else f"; {removed} positive candidates dropped for a normal-slide twin") + ")")
+    pool = selection.attrs["candidate_pool"]
+    if pool["warning"]:
+        print(f"warning: {pool['warning']}", flush=True)
+    # Label-free numbers always; precision and composition only where annotations say what each patch is.
+    report = {"candidate_pool": pool, "positive_twins_removed": removed}
     if args.annotations:
-        report = {**selection_quality(table, selection), "positive_twins_removed": removed}
-        write_quality(Path(args.out).with_name(QUALITY_NAME), report)
+        report.update(selection_quality(table, selection))
+    write_quality(Path(args.out).with_name(QUALITY_NAME), report)
+    if args.annotations:
         print(quality_line(report))
     return selection
 

@@ -23,7 +23,9 @@ from features.errors import InputError
 from mil.data.labels import DEFAULT_LABEL_MAP, read_labels
 from mil.patch_scores import find_patch_scores
 from mil.patch_scores import read_patch_scores as read_patch_scores_file
-from mil.mining.pseudo_labels import PositiveSchedule, pseudo_positive_mask, sigmoid
+from mil.mining.pseudo_labels import (PositiveSchedule, normal_calibrated_threshold, per_slide_budget,
+                                      pseudo_positive_mask, sigmoid)
+from mil.mining.quality import candidate_pool
 from mil.mining.twins import TwinFilter, twin_free_mask
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,12 @@ class MiningConfig:
     """Every threshold and ratio of mining; the defaults follow ItS2CLR / HNM-WSI."""
 
     threshold: float = 0.3  # on sigmoid(logit): patch probability a tumour-slide patch needs to be a candidate
+    # Raise the threshold to this quantile of normal-slide patch probabilities (None: the fixed threshold only):
+    # a candidate must outscore almost every patch of a normal slide, look-alikes included.
+    normal_quantile: float | None = None
+    per_slide: int | None = None  # at most this many positives per tumour slide (None: no limit)
+    # Warn (stdout, selection_quality.json) when candidates exceed this share of tumour-slide patches.
+    max_candidate_share: float = 0.2
     positives: PositiveSchedule = field(default_factory=PositiveSchedule)
     neg_ratio: float = 0.1  # fraction of all normal-slide training patches kept as hard negatives (top by score)
     random_ratio: float = 0.0  # extra fraction of normal-slide patches drawn at random as plain negatives
@@ -102,8 +110,11 @@ def select_patches(table: pd.DataFrame, config: MiningConfig, round_index: int =
     slide_ids = table["slide_id"].to_numpy()
     labels = table["label"].to_numpy()
     fraction = config.positives.fraction(round_index)
-    eligible, removed = _twin_free(table, probs, config, round_index, features)
-    positive = pseudo_positive_mask(slide_ids, labels, probs, config.threshold, fraction, eligible)
+    threshold = normal_calibrated_threshold(probs, labels, config.threshold, config.normal_quantile)
+    pool = candidate_pool(labels, probs, threshold, config.max_candidate_share)
+    eligible, removed = _twin_free(table, probs, threshold, config, round_index, features)
+    positive = pseudo_positive_mask(slide_ids, labels, probs, threshold, fraction, eligible)
+    positive = per_slide_budget(positive, slide_ids, probs, config.per_slide)
     positive = _cap(positive, probs, config.max_positives)
     normal = np.flatnonzero(labels == 0)
     hard = _top_fraction(normal, probs, config.neg_ratio, config.min_hard_negatives, config.max_hard_negatives)
@@ -126,15 +137,16 @@ def select_patches(table: pd.DataFrame, config: MiningConfig, round_index: int =
             selection[column] = chosen[column]
     selection = selection.reset_index(drop=True)
     selection.attrs["positive_twins_removed"] = removed
+    selection.attrs["candidate_pool"] = pool
     return selection
 
 
-def _twin_free(table: pd.DataFrame, probs: np.ndarray, config: MiningConfig, round_index: int,
+def _twin_free(table: pd.DataFrame, probs: np.ndarray, threshold: float, config: MiningConfig, round_index: int,
                features: str | Path | None) -> tuple[np.ndarray | None, int | None]:
     """Eligibility mask after the twin test, and how many candidates it removed (None: test not run)."""
     if features is None or config.twins.k <= 0:
         return None, None
-    candidates = np.flatnonzero((table["label"].to_numpy() == 1) & (probs >= config.threshold))
+    candidates = np.flatnonzero((table["label"].to_numpy() == 1) & (probs >= threshold))
     free = twin_free_mask(table, candidates, features, config.twins, seed=config.seed + round_index)
     if len(candidates) and not free.any():
         log.warning("every positive candidate has a normal-slide twin; keeping them all (twin test skipped)")
