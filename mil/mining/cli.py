@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> None:
 def mine(args: MineArgs) -> pd.DataFrame:
     """Run mining end to end; returns the selection written to ``args.out``."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    quantile = args.mining.normal_quantile
+    if quantile is not None and not 0 <= quantile <= 1:
+        raise InputError(f"--mining.normal_quantile {quantile}: use a quantile between 0 and 1 (e.g. 0.999) or null")
     labels = read_slide_labels(args.labels, args.fold, args.label_map)
     train_ids = set(labels.loc[labels["split"] == "train", "slide_id"])
     if not train_ids:

@@ -80,18 +80,6 @@ def normal_calibrated_threshold(probs: np.ndarray, slide_labels: np.ndarray, thr
     return float(max(threshold, np.quantile(normal, quantile, method="higher")))
 
 
-def per_slide_budget(mask: np.ndarray, slide_ids: np.ndarray, probs: np.ndarray, k: int | None) -> np.ndarray:
-    """``mask`` limited to the ``k`` highest-probability patches of each slide (None: no limit)."""
-    if k is None:
-        return mask
-    kept = np.zeros_like(mask)
-    rows = np.flatnonzero(mask)
-    order = rows[np.lexsort((rows, -probs[rows], slide_ids[rows]))]  # by slide, then score, then position
-    rank = np.arange(len(order)) - np.searchsorted(slide_ids[order], slide_ids[order], side="left")
-    kept[order[rank < k]] = True
-    return kept
-
-
 def top_per_slide(slide_ids: np.ndarray, scores: np.ndarray, where: np.ndarray) -> np.ndarray:
     """Index of the highest-scoring patch of each slide among ``where``."""
     picks = []

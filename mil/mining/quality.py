@@ -78,7 +78,8 @@ def candidate_pool(slide_labels: np.ndarray, probs: np.ndarray, threshold: float
         report["warning"] = (f"positive candidates are {share:.0%} of tumor-slide patches ({n} of {len(tumour)} at "
                              f"probability >= {threshold:.2f}; {report['normal_share_above_threshold']:.1%} of "
                              "normal-slide patches pass too): more than tumor usually covers, so most are probably "
-                             "look-alikes or normal tissue; raise mining.normal_quantile or mining.threshold")
+                             "look-alikes or normal tissue; keep the twin test on (mining.twins.k > 0) or set "
+                             "mining.normal_quantile (e.g. 0.999)")
     return report
 
 

@@ -14,8 +14,7 @@ from features.errors import InputError
 from features.selection import read_selection
 from mil.mining import cli
 from mil.mining.mine import MiningConfig, read_patch_scores, read_slide_labels, select_patches, training_patch_table
-from mil.mining.pseudo_labels import (PositiveSchedule, normal_calibrated_threshold, per_slide_budget,
-                                      pseudo_positive_mask, sigmoid)
+from mil.mining.pseudo_labels import PositiveSchedule, normal_calibrated_threshold, pseudo_positive_mask, sigmoid
 from mil.mining.quality import candidate_pool, selection_quality
 
 
@@ -252,14 +251,6 @@ def test_normal_calibrated_threshold_keeps_lookalikes_the_fixed_threshold_admits
     assert normal_calibrated_threshold(probs, patches["label"].to_numpy(), 0.3, None) == 0.3
 
 
-def test_per_slide_budget_keeps_the_top_k_of_each_slide():
-    slides = np.array(["a"] * 4 + ["b"] * 3 + ["c"], dtype=object)  # as pandas gives slide ids
-    probs = np.array([0.5, 0.9, 0.7, 0.8, 0.6, 0.95, 0.4, 0.99])
-    mask = np.array([True] * 7 + [False])
-    assert np.flatnonzero(per_slide_budget(mask, slides, probs, 2)).tolist() == [1, 3, 4, 5]
-    assert per_slide_budget(mask, slides, probs, None) is mask
-
-
 def test_candidate_pool_warns_when_most_of_a_tumour_slide_is_a_candidate(tmp_path, capsys):
     patches = mimic_table()
     probs, labels = sigmoid(patches["score"].to_numpy()), patches["label"].to_numpy()
@@ -284,3 +275,6 @@ def test_candidate_pool_warns_when_most_of_a_tumour_slide_is_a_candidate(tmp_pat
     assert "warning" not in capsys.readouterr().out
     report = json.loads((tmp_path / "selection_quality.json").read_text())
     assert report["candidate_pool"]["candidates"] == 16 and report["candidate_pool"]["warning"] is None
+    with pytest.raises(InputError, match="normal_quantile"):
+        cli.main(["--scores", str(tmp_path / "run"), "--labels", str(labels_csv), "--out", str(out),
+                  "--mining.normal_quantile", "99.9"])
