@@ -39,8 +39,8 @@ class MiningConfig:
     # a candidate must outscore almost every patch of a normal slide, look-alikes included. Off by default: it
     # shrinks the pool but did not raise precision over the twin test (docs/method.md).
     normal_quantile: float | None = None
-    # Warn (stdout, selection_quality.json) when candidates exceed this share of all tumour-slide patches: tumour
-    # rarely covers half of all tumour-slide tissue (metastases are mostly small), so such a pool is mostly not tumour.
+    # Warn (stdout, selection_quality.json) when candidates exceed this share of all tumor-slide patches: tumor
+    # rarely covers half of all tumor-slide tissue (metastases are mostly small), so such a pool is mostly not tumor.
     max_candidate_share: float = 0.5
     positives: PositiveSchedule = field(default_factory=PositiveSchedule)
     neg_ratio: float = 0.1  # fraction of all normal-slide training patches kept as hard negatives (top by score)

@@ -68,11 +68,11 @@ def normal_calibrated_threshold(probs: np.ndarray, slide_labels: np.ndarray, thr
                                 quantile: float | None) -> float:
     """The pseudo-label threshold, raised to the ``quantile`` of normal-slide patch probabilities.
 
-    A normal slide holds no tumour, so its patch probabilities show how high a non-tumour patch can score,
+    A normal slide holds no tumor, so its patch probabilities show how high a non-tumor patch can score,
     look-alikes included, without any annotation. Above the 0.999 quantile almost no normal-slide patch
-    remains; a tumour-slide patch below it scores like something normal slides have too, however confident the
+    remains; a tumor-slide patch below it scores like something normal slides have too, however confident the
     slide model is about the slide. A fixed threshold cannot know this: once the slide model is confident,
-    sigmoid(logit) >= 0.3 admits most of a tumour slide. ``quantile=None`` keeps the fixed threshold.
+    sigmoid(logit) >= 0.3 admits most of a tumor slide. ``quantile=None`` keeps the fixed threshold.
     """
     normal = np.asarray(probs, dtype=np.float64)[np.asarray(slide_labels) == 0]
     if quantile is None or len(normal) == 0:

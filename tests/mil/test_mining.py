@@ -220,15 +220,15 @@ def test_twin_test_caps_the_candidates_it_tests(tmp_path):
 
 
 def mimic_table() -> pd.DataFrame:
-    """A confident slide model on look-alikes that mimic tumour: above 0.3 on every slide, commoner on tumour slides.
+    """A confident slide model on look-alikes that mimic tumor: above 0.3 on every slide, commoner on tumor slides.
 
-    Four tumour slides: 4 tumour patches (0.93-0.99), 12 look-alikes (0.6-0.9), 24 normal patches (0.4, above
-    the fixed threshold too: the slide is called tumour). Four normal slides: 2 look-alikes (0.65, 0.91), 38 normal.
+    Four tumor slides: 4 tumor patches (0.93-0.99), 12 look-alikes (0.6-0.9), 24 normal patches (0.4, above
+    the fixed threshold too: the slide is called tumor). Four normal slides: 2 look-alikes (0.65, 0.91), 38 normal.
     """
     rows = []
     for index in range(4):
-        tumour = list(np.linspace(0.93, 0.99, 4)) + list(np.linspace(0.6, 0.9, 12)) + [0.4] * 24
-        rows.append((f"t{index}", 1, tumour))
+        tumor = list(np.linspace(0.93, 0.99, 4)) + list(np.linspace(0.6, 0.9, 12)) + [0.4] * 24
+        rows.append((f"t{index}", 1, tumor))
         rows.append((f"n{index}", 0, [0.65, 0.91] + [0.05] * 38))
     patches = table(rows)
     patches["truth"] = np.where(patches["score"] > logit(0.92), "tumor",
@@ -240,7 +240,7 @@ def test_normal_calibrated_threshold_keeps_lookalikes_the_fixed_threshold_admits
     patches = mimic_table()
     everything = PositiveSchedule(start=1.0, end=1.0)
     fixed = select_patches(patches, MiningConfig(positives=everything))
-    assert (fixed["kind"] == "positive").sum() == 160  # every tumour-slide patch passes 0.3
+    assert (fixed["kind"] == "positive").sum() == 160  # every tumor-slide patch passes 0.3
     assert selection_quality(patches, fixed)["positive_precision"] == pytest.approx(0.1)
     calibrated = select_patches(patches, MiningConfig(positives=everything, normal_quantile=0.999))
     positives = calibrated[calibrated["kind"] == "positive"]
@@ -251,7 +251,7 @@ def test_normal_calibrated_threshold_keeps_lookalikes_the_fixed_threshold_admits
     assert normal_calibrated_threshold(probs, patches["label"].to_numpy(), 0.3, None) == 0.3
 
 
-def test_candidate_pool_warns_when_most_of_a_tumour_slide_is_a_candidate(tmp_path, capsys):
+def test_candidate_pool_warns_when_most_of_a_tumor_slide_is_a_candidate(tmp_path, capsys):
     patches = mimic_table()
     probs, labels = sigmoid(patches["score"].to_numpy()), patches["label"].to_numpy()
     pool = candidate_pool(labels, probs, 0.3, max_share=0.2)
