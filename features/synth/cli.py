@@ -20,7 +20,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--mode", type=Literal["slides", "points"], default="slides",
                         help="slides: WSI cohort with polygons; points: mitosis-like images with a COCO file")
     parser.add_argument("--preset", type=Literal[tuple(dict.fromkeys([*PRESETS, *POINT_PRESETS]))], default="demo",
-                        help="starting sizes: slides: demo (24 slides 3000x2500) or tiny (6 slides 1200x1000); "
+                        help="starting sizes: slides: demo (24 slides 3000x2500), mimic (as demo, look-alikes with "
+                             "tumor's look, commoner on tumor slides) or tiny (6 slides 1200x1000); "
                              "points: demo, tiny or hard (every imposter kind); the options below override it")
     parser.add_argument("--seed", type=Optional[int], default=None, help="same seed, same cohort (default 0)")
     parser.add_argument("--n_slides", type=Optional[int], default=None, help="slides (or images in points mode)")

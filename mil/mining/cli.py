@@ -32,7 +32,7 @@ class MineArgs:
     labels: str
     """Labels CSV: slide_id,label and split (or fold_<k>)."""
     out: str
-    """Selection CSV to write; selection_quality.json goes next to it."""
+    """Selection CSV to write; selection_quality.json (label-free pool check + quality) goes next to it."""
     fold: int | None = None
     """Fold column fold_<k> of the labels CSV to mine; None = the split column."""
     round: int = 0
@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> None:
 def mine(args: MineArgs) -> pd.DataFrame:
     """Run mining end to end; returns the selection written to ``args.out``."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    quantile = args.mining.normal_quantile
+    if quantile is not None and not 0 <= quantile <= 1:
+        raise InputError(f"--mining.normal_quantile {quantile}: use a quantile between 0 and 1 (e.g. 0.999) or null")
     labels = read_slide_labels(args.labels, args.fold, args.label_map)
     train_ids = set(labels.loc[labels["split"] == "train", "slide_id"])
     if not train_ids:
@@ -74,9 +77,15 @@ def mine(args: MineArgs) -> pd.DataFrame:
     print(f"selection: {args.out}  " + "  ".join(f"{kind}={n}" for kind, n in counts.items())
           + f"  (from {len(table)} patches of {table['slide_id'].nunique()} training slides"
           + ("" if removed is None else f"; {removed} positive candidates dropped for a normal-slide twin") + ")")
+    pool = selection.attrs["candidate_pool"]
+    if pool["warning"]:
+        print(f"warning: {pool['warning']}", flush=True)
+    # Label-free numbers always; precision and composition only where annotations say what each patch is.
+    report = {"candidate_pool": pool, "positive_twins_removed": removed}
     if args.annotations:
-        report = {**selection_quality(table, selection), "positive_twins_removed": removed}
-        write_quality(Path(args.out).with_name(QUALITY_NAME), report)
+        report.update(selection_quality(table, selection))
+    write_quality(Path(args.out).with_name(QUALITY_NAME), report)
+    if args.annotations:
         print(quality_line(report))
     return selection
 

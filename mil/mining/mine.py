@@ -23,7 +23,8 @@ from features.errors import InputError
 from mil.data.labels import DEFAULT_LABEL_MAP, read_labels
 from mil.patch_scores import find_patch_scores
 from mil.patch_scores import read_patch_scores as read_patch_scores_file
-from mil.mining.pseudo_labels import PositiveSchedule, pseudo_positive_mask, sigmoid
+from mil.mining.pseudo_labels import PositiveSchedule, normal_calibrated_threshold, pseudo_positive_mask, sigmoid
+from mil.mining.quality import candidate_pool
 from mil.mining.twins import TwinFilter, twin_free_mask
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,13 @@ class MiningConfig:
 
     threshold: float = 0.3
     """On sigmoid(logit): patch probability a tumour-slide patch needs to be a candidate."""
+    normal_quantile: float | None = None
+    """Raise the threshold to this quantile of normal-slide patch probabilities (None: the fixed threshold only): a
+    candidate must outscore almost every patch of a normal slide, look-alikes included. Off by default: it shrinks
+    the pool but did not raise precision over the twin test (docs/method.md)."""
+    max_candidate_share: float = 0.5
+    """Warn (stdout, selection_quality.json) when candidates exceed this share of all tumor-slide patches: tumor
+    rarely covers half of all tumor-slide tissue (metastases are mostly small), so such a pool is mostly not tumor."""
     positives: PositiveSchedule = field(default_factory=PositiveSchedule)
     """Self-paced schedule of the positive fraction."""
     neg_ratio: float = 0.1
@@ -110,8 +118,10 @@ def select_patches(table: pd.DataFrame, config: MiningConfig, round_index: int =
     slide_ids = table["slide_id"].to_numpy()
     labels = table["label"].to_numpy()
     fraction = config.positives.fraction(round_index)
-    eligible, removed = _twin_free(table, probs, config, round_index, features)
-    positive = pseudo_positive_mask(slide_ids, labels, probs, config.threshold, fraction, eligible)
+    threshold = normal_calibrated_threshold(probs, labels, config.threshold, config.normal_quantile)
+    pool = candidate_pool(labels, probs, threshold, config.max_candidate_share)
+    eligible, removed = _twin_free(table, probs, threshold, config, round_index, features)
+    positive = pseudo_positive_mask(slide_ids, labels, probs, threshold, fraction, eligible)
     positive = _cap(positive, probs, config.max_positives)
     normal = np.flatnonzero(labels == 0)
     hard = _top_fraction(normal, probs, config.neg_ratio, config.min_hard_negatives, config.max_hard_negatives)
@@ -134,15 +144,16 @@ def select_patches(table: pd.DataFrame, config: MiningConfig, round_index: int =
             selection[column] = chosen[column]
     selection = selection.reset_index(drop=True)
     selection.attrs["positive_twins_removed"] = removed
+    selection.attrs["candidate_pool"] = pool
     return selection
 
 
-def _twin_free(table: pd.DataFrame, probs: np.ndarray, config: MiningConfig, round_index: int,
+def _twin_free(table: pd.DataFrame, probs: np.ndarray, threshold: float, config: MiningConfig, round_index: int,
                features: str | Path | None) -> tuple[np.ndarray | None, int | None]:
     """Eligibility mask after the twin test, and how many candidates it removed (None: test not run)."""
     if features is None or config.twins.k <= 0:
         return None, None
-    candidates = np.flatnonzero((table["label"].to_numpy() == 1) & (probs >= config.threshold))
+    candidates = np.flatnonzero((table["label"].to_numpy() == 1) & (probs >= threshold))
     free = twin_free_mask(table, candidates, features, config.twins, seed=config.seed + round_index)
     if len(candidates) and not free.any():
         log.warning("every positive candidate has a normal-slide twin; keeping them all (twin test skipped)")

@@ -68,6 +68,22 @@ def pseudo_positive_mask(slide_ids: np.ndarray, slide_labels: np.ndarray, probs:
     return mask
 
 
+def normal_calibrated_threshold(probs: np.ndarray, slide_labels: np.ndarray, threshold: float,
+                                quantile: float | None) -> float:
+    """The pseudo-label threshold, raised to the ``quantile`` of normal-slide patch probabilities.
+
+    A normal slide holds no tumor, so its patch probabilities show how high a non-tumor patch can score,
+    look-alikes included, without any annotation. Above the 0.999 quantile almost no normal-slide patch
+    remains; a tumor-slide patch below it scores like something normal slides have too, however confident the
+    slide model is about the slide. A fixed threshold cannot know this: once the slide model is confident,
+    sigmoid(logit) >= 0.3 admits most of a tumor slide. ``quantile=None`` keeps the fixed threshold.
+    """
+    normal = np.asarray(probs, dtype=np.float64)[np.asarray(slide_labels) == 0]
+    if quantile is None or len(normal) == 0:
+        return float(threshold)
+    return float(max(threshold, np.quantile(normal, quantile, method="higher")))
+
+
 def top_per_slide(slide_ids: np.ndarray, scores: np.ndarray, where: np.ndarray) -> np.ndarray:
     """Index of the highest-scoring patch of each slide among ``where``."""
     picks = []

@@ -55,6 +55,34 @@ def selection_quality(table: pd.DataFrame, selection: pd.DataFrame) -> dict[str,
     return report
 
 
+def candidate_pool(slide_labels: np.ndarray, probs: np.ndarray, threshold: float,
+                   max_share: float) -> dict[str, Any]:
+    """Label-free check of the positive candidate pool: is it implausibly large?
+
+    Candidates are tumor-slide patches at or above the pseudo-label ``threshold``. Tumor is usually a small
+    part of a tumor slide, so when candidates are more than ``max_share`` of its patches, most of them are
+    probably not tumor (look-alikes commoner on tumor slides, plain tissue of a confidently called slide).
+    The share of normal-slide patches above the same threshold says how unselective the threshold is.
+    """
+    labels, probs = np.asarray(slide_labels), np.asarray(probs, dtype=np.float64)
+    tumor, normal = probs[labels == 1], probs[labels == 0]
+    n = int((tumor >= threshold).sum())
+    share = n / len(tumor) if len(tumor) else math.nan
+    report: dict[str, Any] = {
+        "threshold": float(threshold), "candidates": n, "tumor_slide_patches": int(len(tumor)),
+        "candidate_share": share, "max_share": float(max_share),
+        "normal_share_above_threshold": float((normal >= threshold).mean()) if len(normal) else math.nan,
+        "warning": None,
+    }
+    if share > max_share:
+        report["warning"] = (f"positive candidates are {share:.0%} of tumor-slide patches ({n} of {len(tumor)} at "
+                             f"probability >= {threshold:.2f}; {report['normal_share_above_threshold']:.1%} of "
+                             "normal-slide patches pass too): more than tumor usually covers, so most are probably "
+                             "look-alikes or normal tissue; keep the twin test on (mining.twins.k > 0) or set "
+                             "mining.normal_quantile (e.g. 0.999)")
+    return report
+
+
 def _ratio(numerator: float, denominator: float) -> float:
     if math.isnan(numerator) or math.isnan(denominator) or denominator == 0:
         return math.nan

@@ -250,3 +250,26 @@ def test_cli_points_mode_takes_the_hard_preset_and_slides_mode_refuses_it(tmp_pa
     assert len(pd.read_csv(tmp_path / "p" / "images.csv")) == 2
     assert features_main(["synth", "--preset", "hard", "--out", str(tmp_path / "s")]) == 2
     assert "hard" in capsys.readouterr().err
+
+
+def test_mimic_preset_lookalikes_take_tumors_look_and_outnumber_it_on_tumor_slides(tmp_path):
+    from features.synth import cells
+    from features.synth.render import SlideSpec, plan_layout
+
+    mimic = PRESETS["mimic"]
+    assert mimic.lookalike_mimicry == 1.0
+    np.testing.assert_allclose(cells.lookalike_color(mimic.lookalike_mimicry), cells.TUMOR_COLOR)
+    shares = {}
+    for tumor in (True, False):
+        spec = SlideSpec("s", tumor=tumor, width=1500, height=1200, mpp=1.0, seed=3, coverage=(0.5, 0.6),
+                         tumor_area=mimic.tumor_area, lookalike_area=mimic.lookalike_area,
+                         tumor_lookalike_area=mimic.tumor_lookalike_area)
+        layout = plan_layout(spec, np.random.default_rng(3))
+        shares[tumor] = (sum(p.area for p in layout.lookalike) / layout.tissue_area,
+                         sum(p.area for p in layout.tumor) / layout.tissue_area)
+    # On a tumor slide look-alikes cover more tissue than tumor does, and several times their share on normal slides.
+    assert shares[True][0] > shares[True][1] > 0 and shares[True][0] > 5 * shares[False][0]
+    synth_main(["--out", str(tmp_path / "m"), "--preset", "mimic", "--n_slides", "2", "--width", "400",
+                "--height", "300", "--high_res_fraction", "0"])
+    recorded = json.loads((tmp_path / "m" / "synth_config.json").read_text())["config"]
+    assert recorded["lookalike_mimicry"] == 1.0 and recorded["tumor_lookalike_area"] == list(mimic.tumor_lookalike_area)

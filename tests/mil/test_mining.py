@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import h5py
@@ -13,8 +14,8 @@ from features.errors import InputError
 from features.selection import read_selection
 from mil.mining import cli
 from mil.mining.mine import MiningConfig, read_patch_scores, read_slide_labels, select_patches, training_patch_table
-from mil.mining.pseudo_labels import PositiveSchedule, pseudo_positive_mask, sigmoid
-from mil.mining.quality import selection_quality
+from mil.mining.pseudo_labels import PositiveSchedule, normal_calibrated_threshold, pseudo_positive_mask, sigmoid
+from mil.mining.quality import candidate_pool, selection_quality
 
 
 def logit(p):
@@ -216,3 +217,64 @@ def test_twin_test_caps_the_candidates_it_tests(tmp_path):
     capped = twin_free_mask(patches, candidates, tmp_path / "features", TwinFilter(max_candidates=50))
     top = np.argsort(-patches["score"].to_numpy()[candidates], kind="stable")[:50]
     assert np.array_equal(capped[top], full[top]) and not np.delete(capped, top).any()
+
+
+def mimic_table() -> pd.DataFrame:
+    """A confident slide model on look-alikes that mimic tumor: above 0.3 on every slide, commoner on tumor slides.
+
+    Four tumor slides: 4 tumor patches (0.93-0.99), 12 look-alikes (0.6-0.9), 24 normal patches (0.4, above
+    the fixed threshold too: the slide is called tumor). Four normal slides: 2 look-alikes (0.65, 0.91), 38 normal.
+    """
+    rows = []
+    for index in range(4):
+        tumor = list(np.linspace(0.93, 0.99, 4)) + list(np.linspace(0.6, 0.9, 12)) + [0.4] * 24
+        rows.append((f"t{index}", 1, tumor))
+        rows.append((f"n{index}", 0, [0.65, 0.91] + [0.05] * 38))
+    patches = table(rows)
+    patches["truth"] = np.where(patches["score"] > logit(0.92), "tumor",
+                                np.where(patches["score"] > logit(0.5), "lookalike", "normal"))
+    return patches
+
+
+def test_normal_calibrated_threshold_keeps_lookalikes_the_fixed_threshold_admits():
+    patches = mimic_table()
+    everything = PositiveSchedule(start=1.0, end=1.0)
+    fixed = select_patches(patches, MiningConfig(positives=everything))
+    assert (fixed["kind"] == "positive").sum() == 160  # every tumor-slide patch passes 0.3
+    assert selection_quality(patches, fixed)["positive_precision"] == pytest.approx(0.1)
+    calibrated = select_patches(patches, MiningConfig(positives=everything, normal_quantile=0.999))
+    positives = calibrated[calibrated["kind"] == "positive"]
+    assert len(positives) == 16 and set(positives["truth"]) == {"tumor"}
+    probs = sigmoid(patches["score"].to_numpy())
+    assert normal_calibrated_threshold(probs, patches["label"].to_numpy(), 0.3, 0.999) == pytest.approx(0.91)
+    assert normal_calibrated_threshold(probs, patches["label"].to_numpy(), 0.95, 0.999) == 0.95  # never lower
+    assert normal_calibrated_threshold(probs, patches["label"].to_numpy(), 0.3, None) == 0.3
+
+
+def test_candidate_pool_warns_when_most_of_a_tumor_slide_is_a_candidate(tmp_path, capsys):
+    patches = mimic_table()
+    probs, labels = sigmoid(patches["score"].to_numpy()), patches["label"].to_numpy()
+    pool = candidate_pool(labels, probs, 0.3, max_share=0.2)
+    assert pool["candidate_share"] == pytest.approx(1.0) and pool["normal_share_above_threshold"] == pytest.approx(0.05)
+    assert "100% of tumor-slide patches" in pool["warning"]
+    assert candidate_pool(labels, probs, 0.92, max_share=0.2)["warning"] is None  # 16 of 160: plausible
+    # The command says so on stdout and in selection_quality.json, without annotations.
+    scores = tmp_path / "run" / "patch_scores"
+    for slide_id, group in patches.groupby("slide_id"):
+        write_scores(scores, slide_id, sigmoid(group["score"].to_numpy()))
+    labels_csv = tmp_path / "labels.csv"
+    labels_csv.write_text("slide_id,label,split\n" + "".join(
+        f"{s},{'tumor' if s.startswith('t') else 'normal'},train\n" for s in sorted(set(patches["slide_id"]))))
+    out = tmp_path / "selection.csv"
+    cli.main(["--scores", str(tmp_path / "run"), "--labels", str(labels_csv), "--out", str(out)])
+    assert "warning: positive candidates are 100% of tumor-slide patches" in capsys.readouterr().out
+    report = json.loads((tmp_path / "selection_quality.json").read_text())
+    assert report["candidate_pool"]["candidates"] == 160 and report["candidate_pool"]["warning"]
+    cli.main(["--scores", str(tmp_path / "run"), "--labels", str(labels_csv), "--out", str(out),
+              "--mining.normal_quantile", "0.999"])
+    assert "warning" not in capsys.readouterr().out
+    report = json.loads((tmp_path / "selection_quality.json").read_text())
+    assert report["candidate_pool"]["candidates"] == 16 and report["candidate_pool"]["warning"] is None
+    with pytest.raises(InputError, match="normal_quantile"):
+        cli.main(["--scores", str(tmp_path / "run"), "--labels", str(labels_csv), "--out", str(out),
+                  "--mining.normal_quantile", "99.9"])
