@@ -12,7 +12,7 @@ TEST_WORKERS ?= 2
 MUTANTS ?= mil.losses.* mil.evaluation.* mil.mining.* mil.training.module.*
 MUTATE_WORKERS ?= 2
 
-.PHONY: install demo extract train hnm test test-slow bench clean mutate
+.PHONY: install demo extract train hnm test bench clean mutate
 
 install: $(STAMP)
 
@@ -37,9 +37,6 @@ hnm: install
 
 test: install
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) $(ARGS)
-
-test-slow: install  # end-to-end runs, e.g. the README's pipeline block on the tiny cohort (minutes)
-	$(BIN)/python -m pytest -q -m slow $(ARGS)
 
 # Mutation testing ([tool.mutmut] in pyproject.toml, docs/testing.md); not part of `make test`.
 mutate: install
