@@ -19,6 +19,10 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from features.quiet import quiet_terminal  # noqa: E402
+
+sys.argv[1:] = quiet_terminal(sys.argv[1:])  # the same quiet terminal as every command (--verbose shows chatter)
+
 import pandas as pd  # noqa: E402
 
 from features.synth.cli import main as synth  # noqa: E402
