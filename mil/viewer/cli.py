@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import logging
 import signal
+import sys
 from types import FrameType
 
 from jsonargparse import ActionConfigFile, ArgumentParser
@@ -54,8 +55,10 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("top_k", "threads", "tile_size", "cache_tiles"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name} {getattr(args, name)}: must be at least 1")
-    if not assets.installed():
-        raise InputError(f"OpenSeadragon {assets.OPENSEADRAGON_VERSION} is not installed: {assets.FETCH_HINT}")
+    if not assets.installed():  # `make install` fetches it; an install without make fetches it on first use
+        print(f"OpenSeadragon {assets.OPENSEADRAGON_VERSION} is not installed yet; fetching it once with npm ...",
+              file=sys.stderr, flush=True)
+        assets.fetch()  # one line and exit 2 if npm is missing or the package's integrity differs
     from waitress.server import create_server
 
     from mil.viewer.app import create_app
