@@ -126,7 +126,7 @@ def run_round(args: HNMArgs, step: RoundPlan) -> dict[str, Any]:
     from features.training.pretrain import pretrain
     from mil.evaluation.cli import main as evaluate
     from mil.mining.cli import mine
-    from mil.training.cli import fit, predict
+    from mil.training.cli import best_checkpoint, fit, predict
 
     out = Path(args.out)
     here, first = step.paths, round_paths(out, 0)
@@ -153,13 +153,6 @@ def run_round(args: HNMArgs, step: RoundPlan) -> dict[str, Any]:
     stages.run("evaluate", lambda: evaluate(step.evaluate), argv_settings(step.evaluate), [done(here, "fit")])
     stages.run("mine", lambda: mine(step.mine), asdict(step.mine), [done(here, "predict_train"), done(here, "extract")])
     return summary_row(step.index, here, stages.seconds)
-
-
-def best_checkpoint(run: Path) -> str:
-    summary = run / "fit_summary.json"
-    if not summary.is_file():
-        raise InputError(f"{run}: the slide model has not finished training; rerun `mil hnm`")
-    return str(json.loads(summary.read_text())["best_checkpoint"])
 
 
 def summary_row(index: int, here: RoundPaths, seconds: dict[str, float]) -> dict[str, Any]:
