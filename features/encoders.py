@@ -2,9 +2,11 @@
 
 One factory, :func:`build_encoder`, turns an :class:`EncoderConfig` into an :class:`Encoder` (model + transform
 + the attributes a features file records). Weights come from a local ``.safetensors`` / ``.pth`` file (optionally
-checked against a sha256), or from the Hugging Face hub (``hub`` or an ``hf-hub:`` name) where the hub can be
-reached or is cached; otherwise the command fails at once, in one line, saying which file to pass instead.
-Foundation-model presets (``configs/encoders/*.yaml``) are plain :class:`EncoderConfig` files.
+checked against a sha256), or from the Hugging Face hub (``hub`` or an ``hf-hub:`` name; ``hub_file`` for repos
+whose file timm cannot load itself) where the hub can be reached or is cached; otherwise the command fails at
+once, in one line, saying which file to pass instead. Files in other layouts (transformers DINOv2, CONCH v1.5's
+vision tower) are converted on loading (:mod:`features.encoder_weights`). Foundation-model presets
+(``configs/encoders/*.yaml``) are plain :class:`EncoderConfig` files.
 
 A random-init encoder is seeded, so the same command gives the same features.
 """
@@ -27,6 +29,8 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from features.attention_pool import AttentionPooledTrunk
+from features.encoder_weights import to_timm_layout
 from features.errors import InputError
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
@@ -53,7 +57,10 @@ class EncoderConfig:
             ``model_kwargs`` when no ``weights`` file is given; needs network or a filled hub cache.
         weights_sha256: the expected sha256 of ``weights``; a different file is refused.
         pooling: ``model`` = the model's own pooled output (class token for most ViTs); ``cls_mean`` = the
-            class token concatenated with the mean of the patch tokens, registers left out (Virchow2: 2560-d).
+            class token concatenated with the mean of the patch tokens, registers left out (Virchow2: 2560-d);
+            ``attn_pool`` = CONCH v1.5's head: a learned query attends over all tokens, then LayerNorm (768-d).
+        hub_file: a file of the ``hub`` repo to download and load like ``weights`` (transformers DINOv2 keys and
+            CONCH v1.5's vision tower are converted), for repos timm cannot load itself; None = timm loads ``hub``.
         mean: per-channel normalisation mean from the model card; None = timm's value for the model.
         std: per-channel normalisation std from the model card; None = timm's value for the model.
         interpolation: resize interpolation (``bilinear``, ``bicubic``); None = timm's value for the model.
@@ -69,10 +76,11 @@ class EncoderConfig:
     seed: int = 0
     hub: str | None = None
     weights_sha256: str | None = None
-    pooling: Literal["model", "cls_mean"] = "model"
+    pooling: Literal["model", "cls_mean", "attn_pool"] = "model"
     mean: list[float] | None = None
     std: list[float] | None = None
     interpolation: str | None = None
+    hub_file: str | None = None
 
 
 @dataclass
@@ -91,7 +99,7 @@ class Encoder:
         """The feature attributes (docs/formats.md), with timm/torch versions, for :func:`features.store.write_features`."""
         import timm
 
-        weights = self.config.weights or (f"hf-hub:{self.config.hub}" if self.config.hub else
+        weights = self.config.weights or (hub_source(self.config) if self.config.hub else
                                           self.config.name if self.config.pretrained else "")
         return {
             "encoder": self.config.name,
@@ -150,11 +158,12 @@ def package_version() -> str:
 def build_encoder(config: EncoderConfig, patch_size: int | None = None) -> Encoder:
     """Create the model, load its weights, and build the eval transform for patches of ``patch_size`` px."""
     sha = ""
-    if config.weights:
-        sha = checked_sha256(config)
+    weights = weights_file(config)
+    if weights:
+        sha = checked_sha256(config, weights)
     model = create_model(config)
-    if config.weights:
-        load_weights(model, config.weights, strict=config.strict)
+    if weights:
+        load_weights(model, weights, strict=config.strict)
     elif config.hub:
         sha = f"hf-hub:{config.hub}"
     elif config.pretrained or config.name.startswith("hf-hub:"):
@@ -165,11 +174,27 @@ def build_encoder(config: EncoderConfig, patch_size: int | None = None) -> Encod
                    dim=int(model.num_features), weights_sha256=sha, tag=config.tag or default_tag(config, sha))
 
 
-def checked_sha256(config: EncoderConfig) -> str:
+def weights_file(config: EncoderConfig) -> str | None:
+    """The local file the weights load from: ``weights``, or ``hub_file`` fetched from ``hub`` (None: timm's own
+    hub loading, or random init)."""
+    if config.weights:
+        return config.weights
+    if config.hub and config.hub_file:
+        return download_hub_file(config.hub, config.hub_file, config.name)
+    return None
+
+
+def hub_source(config: EncoderConfig) -> str:
+    """How the recorded ``weights`` attribute names hub weights: the repo, and the file when one is named."""
+    return f"hf-hub:{config.hub}" + (f"/{config.hub_file}" if config.hub_file else "")
+
+
+def checked_sha256(config: EncoderConfig, path: str | None = None) -> str:
     """The weights file's sha256, refused in one line when it differs from the expected ``weights_sha256``."""
-    sha = file_sha256(config.weights)
+    path = path or config.weights
+    sha = file_sha256(path)
     if config.weights_sha256 and sha != config.weights_sha256.lower():
-        raise InputError(f"{config.weights}: sha256 {sha[:12]}... differs from --encoder.weights_sha256 "
+        raise InputError(f"{path}: sha256 {sha[:12]}... differs from --encoder.weights_sha256 "
                          f"{config.weights_sha256[:12]}...; download the file again or fix the checksum")
     return sha
 
@@ -183,16 +208,17 @@ def hub_repo(config: EncoderConfig) -> str | None:
     return config.name.removeprefix("hf-hub:") if config.name.startswith("hf-hub:") else None
 
 
-def require_hub(repo: str, name: str, timeout: float = 3.0) -> None:
-    """Fail at once, in one line, when the hub is neither reachable nor holds ``repo`` in its cache.
+def require_hub(repo: str, name: str, timeout: float = 3.0, filename: str = "config.json") -> None:
+    """Fail at once, in one line, when the hub is neither reachable nor holds ``filename`` of ``repo`` in its cache.
 
     Without this, huggingface_hub retries an unreachable host for about 20 s before timm reports it.
     """
     from huggingface_hub import constants, try_to_load_from_cache
 
-    if isinstance(try_to_load_from_cache(repo, "config.json"), str):
+    if isinstance(try_to_load_from_cache(repo, filename), str):
         return
-    fix = (f"download the weights of {repo} where there is network and pass --encoder.weights FILE "
+    what = "the weights" if filename == "config.json" else filename
+    fix = (f"download {what} of {repo} where there is network and pass --encoder.weights FILE "
            "(see docs/features.md, 'Foundation-model presets')")
     if constants.HF_HUB_OFFLINE:
         raise InputError(f"encoder {name!r}: weights from hub {repo} cannot be downloaded here (HF_HUB_OFFLINE is "
@@ -203,6 +229,27 @@ def require_hub(repo: str, name: str, timeout: float = 3.0) -> None:
     except OSError as error:
         raise InputError(f"encoder {name!r}: weights from hub {repo} cannot be downloaded here (cannot reach "
                          f"{host}: {type(error).__name__}); {fix}") from error
+
+
+def download_hub_file(repo: str, filename: str, name: str) -> str:
+    """The local path of ``filename`` from hub ``repo``: the cached copy, else a download; one line on failure.
+
+    A cached copy is used without asking the hub, so a filled cache works offline and starts at once.
+    """
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo, filename)
+    if isinstance(cached, str):
+        return cached
+    require_hub(repo, name, filename=filename)
+    try:
+        return str(hf_hub_download(repo, filename))
+    except Exception as error:  # noqa: BLE001 - gated, missing, network: the user's fix is the same
+        raise InputError(
+            f"encoder {name!r}: {filename} of hub {repo} cannot be downloaded ({type(error).__name__}); for a gated "
+            f"model accept its terms on the hub and log in (`hf auth login`), or download the file where there is "
+            "network and pass --encoder.weights FILE (see docs/features.md, 'Foundation-model presets')"
+        ) from error
 
 
 def resolved_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
@@ -229,9 +276,9 @@ def create_model(config: EncoderConfig) -> nn.Module:
         raise InputError(f"encoder {config.name!r}: not a timm model; pick one from `timm.list_models()`, "
                          "'resnet50_trunc' or an 'hf-hub:org/model' id")
     repo = hub_repo(config)
-    if repo:
+    if repo and not config.hub_file:  # a hub_file is fetched by weights_file() and loaded by load_weights()
         require_hub(repo, config.name)
-    pretrained = (config.pretrained or bool(config.hub)) and not config.weights
+    pretrained = (config.pretrained or bool(config.hub)) and not config.weights and not config.hub_file
     kwargs = resolved_kwargs(config.model_kwargs)
     if config.hub and pretrained:
         kwargs["pretrained_cfg_overlay"] = {"hf_hub_id": config.hub}
@@ -243,6 +290,8 @@ def create_model(config: EncoderConfig) -> nn.Module:
                                           out_indices=(trunc_index,), **kwargs)
                 return PooledTrunk(trunk)
             model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
+            if config.pooling == "attn_pool":
+                return AttentionPooledTrunk(model)
             return ClassAndMeanTokens(model) if config.pooling == "cls_mean" else model
         except (OSError, RuntimeError, ValueError) as error:
             if not (hub or pretrained):
@@ -319,7 +368,7 @@ def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> Non
     """Load a local state dict into ``model``; a mismatch is an InputError listing the keys and the fix."""
     own = model.trunk if isinstance(model, (PooledTrunk, ClassAndMeanTokens)) else model
     expected = set(own.state_dict())
-    state = match_keys(read_state_dict(path), expected)
+    state = match_keys(to_timm_layout(read_state_dict(path), own), expected)
     # Classifier heads (and layers cut away by a truncated trunk) are not part of an embedding model.
     state = {k: v for k, v in state.items() if k in expected or not _is_dropped_part(k, own)}
     missing = sorted(expected - set(state))

@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from features.encoders import EncoderConfig, build_transform, create_model
+from features.encoders import EncoderConfig, build_transform, create_model, weights_file
 from features.errors import InputError
 from features.training.contrastive import supcon_loss
 from features.training.weights import load_encoder_weights
@@ -47,8 +47,9 @@ class OptimConfig:
 def build_encoder_model(spec: EncoderConfig) -> nn.Module:
     """The trunk ``features extract`` would build (seeded random init), in training mode, weights loaded."""
     model = create_model(spec)
-    if spec.weights:
-        load_encoder_weights(model, spec.weights, strict=spec.strict)
+    weights = weights_file(spec)  # a local file, or a preset's hub_file fetched from the hub
+    if weights:
+        load_encoder_weights(model, weights, strict=spec.strict)
     return model
 
 
