@@ -252,6 +252,7 @@ def features_recorded(opts: Any, encoder: Any) -> dict[str, Any]:
     weights = encoder.config.weights
     return {"encoder.weights": str(Path(weights).resolve()) if weights else "",
             "encoder.pretrained": bool(encoder.config.pretrained), "encoder.input_size": encoder.config.input_size,
+            "encoder.hub": encoder.config.hub, "encoder.hub_file": encoder.config.hub_file,
             "encoder.tag": encoder.tag, "encoder.dim": int(encoder.dim), "precision": getattr(opts, "precision", "")}
 
 
@@ -330,7 +331,9 @@ def features_folders(store: str | Path) -> list[Path]:
 def recorded_encoder(store: str | Path) -> tuple[dict[str, Any], Path] | None:
     """The encoder behind a store's features: config fields plus ``weights_sha256``; None for coords-only stores.
 
-    From the folder's record, or (older stores) from the attributes of its first features file.
+    From the folder's record, or (older stores) from the attributes of its first features file. ``weights`` is a
+    local file or None: hub weights come back as ``hub`` / ``hub_file``; ``pooling`` and the transform's
+    ``mean`` / ``std`` / ``interpolation`` are what extraction used (``model`` and None where a store predates them).
     """
     from features.store import h5_files, read_attrs
 
@@ -345,23 +348,57 @@ def recorded_encoder(store: str | Path) -> tuple[dict[str, Any], Path] | None:
     record = read_record(folder)
     if record is not None and "encoder.name" in record["settings"]:
         settings, recorded = record["settings"], record.get("recorded", {})
-        transform = settings.get("encoder.transform", {})
-        return {"name": settings["encoder.name"], "weights": recorded.get("encoder.weights") or None,
+        sha = str(settings.get("encoder.weights_sha256", "") or "")
+        weights = recorded.get("encoder.weights") or None
+        if "encoder.hub" in recorded:
+            hub, hub_file = recorded.get("encoder.hub") or None, recorded.get("encoder.hub_file") or None
+        elif weights:
+            hub, hub_file = None, None
+        else:  # a record written before hub sources were recorded: the files' `weights` attribute names them
+            hub, hub_file = _hub_source(str(read_attrs(h5_files(folder)[0], "features").get("weights", "") or ""), sha)
+        return {"name": settings["encoder.name"], "weights": weights,
                 "pretrained": bool(recorded.get("encoder.pretrained", False)),
                 "input_size": recorded.get("encoder.input_size"), "model_kwargs": settings.get("encoder.model_kwargs", {}),
-                "seed": int(settings.get("encoder.seed", 0)), "weights_sha256": settings.get("encoder.weights_sha256", ""),
-                "resolved_input_size": _input_side(transform)}, folder
+                "seed": int(settings.get("encoder.seed", 0)), "weights_sha256": sha, "hub": hub, "hub_file": hub_file,
+                "pooling": str(settings.get("encoder.pooling", "model")),
+                **_normalisation(settings.get("encoder.transform", {}))}, folder
     attrs = read_attrs(h5_files(folder)[0], "features")
     if "encoder" not in attrs:
         return None  # a CLAM/TRIDENT folder says nothing about its encoder
     name, weights = str(attrs["encoder"]), str(attrs.get("weights", "") or "")
+    sha = str(attrs.get("weights_sha256", "") or "")
     pretrained = bool(weights) and weights == name
-    return {"name": name, "weights": None if pretrained or not weights else weights, "pretrained": pretrained,
+    hub, hub_file = (None, None) if pretrained else _hub_source(weights, sha)
+    local = None if pretrained or hub or not weights else weights
+    return {"name": name, "weights": local, "pretrained": pretrained,
             "input_size": None, "model_kwargs": _json_attr(attrs.get("model_kwargs", "{}")) or {},
-            "seed": int(attrs.get("encoder_seed", 0) or 0), "weights_sha256": str(attrs.get("weights_sha256", "")),
-            "resolved_input_size": _input_side(transform_settings(attrs.get("transform", "")))}, folder
+            "seed": int(attrs.get("encoder_seed", 0) or 0), "weights_sha256": sha, "hub": hub, "hub_file": hub_file,
+            "pooling": str(attrs.get("pooling", "model") or "model"),
+            **_normalisation(transform_settings(attrs.get("transform", "")))}, folder
 
 
-def _input_side(transform: Mapping[str, Any]) -> int | None:
-    size = transform.get("input_size") if isinstance(transform, Mapping) else None
-    return int(size[-1]) if isinstance(size, (list, tuple)) and size else None
+def _hub_source(weights: str, sha: str) -> tuple[str | None, str | None]:
+    """``(hub, hub_file)`` from a ``weights`` attribute ``hf-hub:<repo>`` or ``hf-hub:<repo>/<file>``.
+
+    Timm's own hub loading records ``weights_sha256 = hf-hub:<repo>``; a fetched ``hub_file`` records the file's
+    checksum, and then the repo is ``org/name`` (or, for the hub's few organisation-less repos, one part).
+    """
+    if not weights.startswith("hf-hub:"):
+        return None, None
+    source = weights.removeprefix("hf-hub:")
+    if sha.startswith("hf-hub:"):
+        return source, None
+    parts = source.split("/")
+    cut = 2 if len(parts) > 2 else 1
+    return "/".join(parts[:cut]), "/".join(parts[cut:]) or None
+
+
+def _normalisation(transform: Mapping[str, Any]) -> dict[str, Any]:
+    """``input_size`` side, ``mean``, ``std`` and ``interpolation`` of a recorded transform (None where absent)."""
+    transform = transform if isinstance(transform, Mapping) else {}
+    size = transform.get("input_size")
+    mean, std = transform.get("mean"), transform.get("std")
+    return {"resolved_input_size": int(size[-1]) if isinstance(size, (list, tuple)) and size else None,
+            "mean": [float(v) for v in mean] if isinstance(mean, (list, tuple)) and mean else None,
+            "std": [float(v) for v in std] if isinstance(std, (list, tuple)) and std else None,
+            "interpolation": str(transform["interpolation"]) if transform.get("interpolation") else None}

@@ -113,3 +113,23 @@ def dead_pid() -> int:
     process = subprocess.Popen([sys.executable, "-c", "pass"])
     process.wait()
     return process.pid
+
+
+def no_network(monkeypatch, cache: str | Path, offline: bool) -> None:
+    """An empty (or given) hub cache and no network: the hub's endpoint is a closed local port."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+
+
+def hub_cache_file(cache: str | Path, repo: str, filename: str, revision: str = "0" * 40) -> Path:
+    """Where ``filename`` of hub ``repo`` lies in a hub cache at ``cache`` (as `hf download` leaves it); the
+    caller writes the file there."""
+    folder = Path(cache) / ("models--" + repo.replace("/", "--"))
+    (folder / "refs").mkdir(parents=True, exist_ok=True)
+    (folder / "refs" / "main").write_text(revision)
+    path = folder / "snapshots" / revision / filename
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path

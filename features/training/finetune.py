@@ -3,8 +3,9 @@
     features finetune --slides cohort/slides --coords store/ --selection r0/selection.csv --out r1/encoder.safetensors
 
 Without ``--encoder.*`` it starts from the encoder recorded in the store given as ``--coords`` (name, weights file
-and its checksum, input size, seed): the one whose features the selection was mined from. An ``--encoder.*``
-that contradicts the store is refused unless ``--encoder.override true``.
+and its checksum or the hub repo and file, input size, seed, pooling, normalisation): the one whose features the
+selection was mined from. A hub file is fetched again (the hub cache first) and must have the recorded checksum.
+An ``--encoder.*`` that contradicts the store is refused unless ``--encoder.override true``.
 
 Epochs alternate two phases (ItS2CLR / HNM-WSI): a hard-negative phase, one pass over the mined hard negatives
 with pseudo-positives in every batch, and a self-paced positive phase, one pass over the positives with
@@ -23,11 +24,11 @@ from pathlib import Path
 import lightning as L
 from torch.utils.data import DataLoader, Subset
 
-from features.encoders import EncoderConfig, file_sha256
+from features.encoders import EncoderConfig, file_sha256, hub_source, weights_file
 from features.errors import InputError
 from features.machine import default_workers
 from features.options import parse
-from features.provenance import recorded_encoder
+from features.provenance import canonical, recorded_encoder
 from features.selection import counts_by_kind, read_selection
 from features.training.augment import AugmentConfig
 from features.training.encoder_module import (ContrastiveEncoder, OptimConfig, TrainerSpec, check_not_collapsed,
@@ -150,8 +151,12 @@ def start_encoder(store: str, given: FinetuneEncoder, fields_given: set[str]) ->
     recorded, folder = found
     start = replace(given, name=recorded["name"], weights=recorded["weights"], pretrained=recorded["pretrained"],
                     input_size=recorded["input_size"], model_kwargs=dict(recorded["model_kwargs"]),
-                    seed=recorded["seed"])
+                    seed=recorded["seed"], hub=recorded["hub"], hub_file=recorded["hub_file"],
+                    pooling=recorded["pooling"], mean=recorded["mean"], std=recorded["std"],
+                    interpolation=recorded["interpolation"])
     start = replace(start, **{name: getattr(given, name) for name in fields_given})
+    # An unset normalisation means "the default": the store's is the one its features were made with.
+    start = replace(start, **{key: recorded[key] for key in NORMALISATION if getattr(start, key) is None})
     clashes = contradictions(recorded, start, fields_given)
     if clashes:
         raise InputError(f"{folder}: its features were made with another encoder than --encoder.* asks for "
@@ -159,7 +164,21 @@ def start_encoder(store: str, given: FinetuneEncoder, fields_given: set[str]) ->
                          "pass --encoder.override true to fine-tune the one given")
     if start.weights and "weights" not in fields_given:
         check_recorded_weights(folder, start.weights, recorded["weights_sha256"])
+    elif not start.weights and start.hub and start.hub_file:
+        check_hub_file(folder, start, recorded["weights_sha256"])
     return start
+
+
+NORMALISATION = ("mean", "std", "interpolation")
+
+
+def store_weights(recorded: dict) -> str:
+    """How the store's weights are named in a refusal: the file, the hub source, timm's pretrained name, or none."""
+    if recorded["weights"]:
+        return recorded["weights"]
+    if recorded["hub"]:
+        return "hf-hub:" + recorded["hub"] + (f"/{recorded['hub_file']}" if recorded["hub_file"] else "")
+    return recorded["name"] if recorded["pretrained"] or recorded["name"].startswith("hf-hub:") else "none"
 
 
 def contradictions(recorded: dict, start: FinetuneEncoder, fields_given: set[str]) -> list[str]:
@@ -167,13 +186,21 @@ def contradictions(recorded: dict, start: FinetuneEncoder, fields_given: set[str
     clashes = []
     if "name" in fields_given and start.name != recorded["name"]:
         clashes.append(f"--encoder.name {start.name} (store: {recorded['name']})")
-    if fields_given & {"weights", "pretrained"}:
-        sha = (file_sha256(start.weights) if start.weights
-               else start.name if start.pretrained or start.name.startswith("hf-hub:") else "")
-        if sha != recorded["weights_sha256"]:
-            clashes.append(f"--encoder.weights {start.weights or 'none'} sha256 {sha[:12] or 'none'} "
-                           f"(store: {recorded['weights'] or 'none'} sha256 {recorded['weights_sha256'][:12] or 'none'})")
-    if "seed" in fields_given and not start.weights and not start.pretrained and start.seed != recorded["seed"]:
+    stored = f"(store: {store_weights(recorded)} sha256 {recorded['weights_sha256'][:12] or 'none'})"
+    if fields_given & {"weights", "pretrained", "hub", "hub_file"}:
+        if not start.weights and start.hub and start.hub_file:
+            # The same hub file is checked against the store's checksum once fetched (check_hub_file).
+            if (start.hub, start.hub_file) != (recorded["hub"], recorded["hub_file"]):
+                clashes.append(f"--encoder.hub {start.hub} --encoder.hub_file {start.hub_file} {stored}")
+        else:
+            sha = (file_sha256(start.weights) if start.weights else f"hf-hub:{start.hub}" if start.hub
+                   else start.name if start.pretrained or start.name.startswith("hf-hub:") else "")
+            if sha != recorded["weights_sha256"]:
+                given = (f"--encoder.hub {start.hub}" if start.hub and not start.weights
+                         else f"--encoder.weights {start.weights or 'none'} sha256 {sha[:12] or 'none'}")
+                clashes.append(f"{given} {stored}")
+    if "seed" in fields_given and not start.weights and not start.pretrained and not start.hub \
+            and start.seed != recorded["seed"]:
         clashes.append(f"--encoder.seed {start.seed} (store: {recorded['seed']})")
     if "input_size" in fields_given and start.input_size is not None and recorded["resolved_input_size"] is not None \
             and start.input_size != recorded["resolved_input_size"]:
@@ -181,6 +208,13 @@ def contradictions(recorded: dict, start: FinetuneEncoder, fields_given: set[str
     if "model_kwargs" in fields_given and dict(start.model_kwargs) != dict(recorded["model_kwargs"]):
         clashes.append(f"--encoder.model_kwargs {json.dumps(start.model_kwargs, sort_keys=True)} "
                        f"(store: {json.dumps(recorded['model_kwargs'], sort_keys=True)})")
+    if "pooling" in fields_given and start.pooling != recorded["pooling"]:
+        clashes.append(f"--encoder.pooling {start.pooling} (store: {recorded['pooling']})")
+    for key in NORMALISATION:
+        value, stored_value = getattr(start, key), recorded[key]
+        if key in fields_given and value is not None and stored_value is not None \
+                and canonical(list(value) if key != "interpolation" else value) != canonical(stored_value):
+            clashes.append(f"--encoder.{key} {json.dumps(value)} (store: {json.dumps(stored_value)})")
     return clashes
 
 
@@ -195,6 +229,16 @@ def check_recorded_weights(folder: Path, weights: str, sha256: str) -> None:
         raise InputError(f"{path}: changed since {folder} was extracted (sha256 {actual[:12]}..., recorded "
                          f"{sha256[:12]}...); pass --encoder.weights FILE with the original weights, or "
                          "--encoder.override true with --encoder.weights to start from another file")
+
+
+def check_hub_file(folder: Path, start: FinetuneEncoder, sha256: str) -> None:
+    """The store's hub file, fetched again (hub cache first; one line when it cannot be), must be the one extracted."""
+    path = weights_file(start)
+    actual = file_sha256(path)
+    if sha256 and not sha256.startswith("hf-hub:") and actual != sha256:
+        raise InputError(f"{hub_source(start)}: the hub's file ({path}, sha256 {actual[:12]}...) is not the one "
+                         f"{folder} was extracted with (sha256 {sha256[:12]}...); pass --encoder.weights FILE with the "
+                         "original weights, or --encoder.override true to start from the hub's current file")
 
 
 def finetune(args: FinetuneArgs) -> Path:
@@ -220,13 +264,24 @@ def finetune(args: FinetuneArgs) -> Path:
         save_encoder_weights(module.encoder, out, {
             "command": "features finetune", "method": "SupCon on pseudo-labels, hard-negative / positive phases",
             "encoder": args.encoder.name, "coords": str(args.coords),
-            "started_from": args.encoder.weights or f"random init seed {args.encoder.seed}",
+            "started_from": started_from(args.encoder),
             "selection": str(args.selection), "selection_counts": counts_by_kind(selection), "image_size": size,
             "steps": int(trainer.global_step), "epochs": int(trainer.current_epoch), "seconds": round(seconds, 2),
             "settings": json.loads(json.dumps(asdict(args), default=str)),
         })
         print(f"wrote {out} ({len(selected.items)} selected patches, {trainer.global_step} steps, {seconds:.1f} s)")
     return out
+
+
+def started_from(encoder: EncoderConfig) -> str:
+    """The weights fine-tuning began with, as the sidecar names them."""
+    if encoder.weights:
+        return encoder.weights
+    if encoder.hub:
+        return hub_source(encoder)
+    if encoder.pretrained or encoder.name.startswith("hf-hub:"):
+        return encoder.name
+    return f"random init seed {encoder.seed}"
 
 
 def epoch_lengths(selected: Selected, phases: list[str], batch_size: int, epochs: int) -> list[int]:

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from features.encoders import EncoderConfig, build_encoder, create_model, resolved_kwargs
 from features.errors import InputError
+from fixtures import hub_cache_file, no_network
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[2]
@@ -90,15 +91,6 @@ def test_wrong_checksum_is_refused_in_one_line(tmp_path):
     save_file({"x": torch.zeros(1)}, str(path))
     with pytest.raises(InputError, match="differs from --encoder.weights_sha256"):
         build_encoder(preset("uni", weights=str(path), weights_sha256="0" * 64))
-
-
-def no_network(monkeypatch, cache: Path, offline: bool) -> None:
-    """An empty (or given) hub cache and no network: the hub's endpoint is a closed local port."""
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
 
 
 @pytest.mark.parametrize("offline", [True, False])
@@ -191,12 +183,7 @@ def test_phikon_v2_loads_transformers_weights_and_embeds_as_dinov2model(tmp_path
 def test_phikon_v2_loads_from_a_filled_hub_cache_without_network(tmp_path, monkeypatch):
     """The hub's model.safetensors in the hub cache (as `hf download owkin/phikon-v2` leaves it) is found without
     network, converted, and recorded as the hub file with its real checksum."""
-    revision = "0" * 40
-    repo = tmp_path / "hub" / "models--owkin--phikon-v2"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(revision)
-    (repo / "snapshots" / revision).mkdir(parents=True)
-    path = repo / "snapshots" / revision / "model.safetensors"
+    path = hub_cache_file(tmp_path / "hub", "owkin/phikon-v2", "model.safetensors")
     source = random_dinov2(224)
     save_file(transformers_names(source.state_dict(), 4), str(path))
     no_network(monkeypatch, tmp_path / "hub", offline=True)

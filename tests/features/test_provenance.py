@@ -24,7 +24,7 @@ from features.extraction.cli import extract, tile
 from features.provenance import lock_path
 from features.store import (TMP_MARKER, Manifest, find_feature_files, read_bag, read_coords, remove_stale_temporaries,
                             write_features)
-from fixtures import dead_pid, write_bag, write_tiny_slide
+from fixtures import dead_pid, hub_cache_file, no_network, write_bag, write_tiny_slide
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[2]
@@ -271,7 +271,6 @@ TRAIN = ["--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false
 def tuned_store(tmp_path_factory):
     """A store extracted with a weights file (not the default random encoder) and a selection mined from it."""
     from features.encoders import EncoderConfig, build_encoder
-    from features.selection import write_selection
     from features.training.weights import save_encoder_weights
 
     root = tmp_path_factory.mktemp("tuned")
@@ -280,15 +279,22 @@ def tuned_store(tmp_path_factory):
                                    root / "start.safetensors")
     out = root / "store"
     extract(["--slides", str(slides), "--out", str(out), *FAST, "--encoder.weights", str(weights)])
+    return {"slides": slides, "store": out, "weights": weights, "selection": mined_selection(out, root), "root": root}
+
+
+def mined_selection(store: Path, root: Path) -> Path:
+    """A selection as `mil mine` writes it: six patches of each slide, s0's positive, s1's negatives."""
+    from features.selection import write_selection
+
     rows = []
     for slide_id in ("s0", "s1"):
-        coords, _ = read_coords(out / "coords" / f"{slide_id}.h5")
+        coords, _ = read_coords(store / "coords" / f"{slide_id}.h5")
         for i, (x, y) in enumerate(coords[:6]):
             kind = "positive" if slide_id == "s0" else ("hard_negative" if i < 3 else "negative")
             rows.append({"slide_id": slide_id, "x": x, "y": y, "pseudo_label": int(kind == "positive"), "score": 0.0,
                          "kind": kind})
     write_selection(root / "selection.csv", pd.DataFrame(rows))
-    return {"slides": slides, "store": out, "weights": weights, "selection": root / "selection.csv", "root": root}
+    return root / "selection.csv"
 
 
 def finetune_argv(cohort: dict, out: Path, *extra: str) -> list[str]:
@@ -362,3 +368,146 @@ def test_finetune_on_a_coords_only_store_asks_for_an_encoder(tmp_path):
         finetune.main(["--slides", str(slides), "--coords", str(tmp_path / "store"), "--selection",
                        str(tmp_path / "selection.csv"), "--out", str(tmp_path / "x.safetensors"), *TRAIN])
     assert not (tmp_path / "x.safetensors").exists()
+
+
+# ------------------------------------------- fine-tuning from a store made with hub weights, pooling, normalisation
+
+HUB, HUB_FILE = "tiny-org/tiny-vit", "model.safetensors"
+HUB_SOURCE = f"hf-hub:{HUB}/{HUB_FILE}"
+# A tiny ViT whose weights are a preset-style hub_file, with Virchow2's pooling and a model card's normalisation:
+# every field of the encoder that timm's defaults would silently get wrong.
+HUB_ENCODER = ["--encoder.name", "vit_tiny_patch16_224", "--encoder.model_kwargs", '{"img_size": 64, "depth": 1}',
+               "--encoder.hub", HUB, "--encoder.hub_file", HUB_FILE, "--encoder.pooling", "cls_mean",
+               "--encoder.mean", "[0.6, 0.5, 0.4]", "--encoder.std", "[0.2, 0.25, 0.3]",
+               "--encoder.interpolation", "bilinear"]
+CARD = {"hub": HUB, "hub_file": HUB_FILE, "weights": None, "pooling": "cls_mean", "mean": [0.6, 0.5, 0.4],
+        "std": [0.2, 0.25, 0.3], "interpolation": "bilinear"}
+
+
+def hub_file_with(seed: int, cache: Path) -> Path:
+    """The tiny ViT's random weights (seeded) as the hub file in a hub cache at ``cache``."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=64, depth=1)
+    path = hub_cache_file(cache, HUB, HUB_FILE)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def hub_store(tmp_path_factory):
+    """A store extracted offline from a filled hub cache (no network), and a selection mined from it."""
+    root = tmp_path_factory.mktemp("hubstore")
+    slides = small_slides(root / "slides", 2)
+    hub_file_with(4, root / "hub")
+    out = root / "store"
+    with pytest.MonkeyPatch.context() as patch:
+        no_network(patch, root / "hub", offline=True)
+        extract(["--slides", str(slides), "--out", str(out), *FAST[:8], *HUB_ENCODER])
+    return {"slides": slides, "store": out, "selection": mined_selection(out, root), "cache": root / "hub"}
+
+
+def encoder_fields(config) -> dict:
+    return {key: getattr(config, key) for key in CARD}
+
+
+def test_finetune_starts_from_a_hub_store_with_its_pooling_and_normalisation(hub_store, monkeypatch):
+    """The start encoder is the store's: hub file, cls_mean pooling, the card's normalisation; it embeds a stored
+    patch exactly as extraction did (a lost pooling changes the width, a lost normalisation the numbers, a lost
+    hub file leaves a random init)."""
+    from features.encoders import build_transform
+    from features.patches import PatchDataset
+    from features.selection import read_selection
+    from features.store import read_bag
+    from features.training import finetune
+    from features.training.encoder_module import build_encoder_model
+    from features.training.patch_data import selection_items, slide_refs
+
+    no_network(monkeypatch, hub_store["cache"], offline=True)
+    start = finetune.start_encoder(str(hub_store["store"]), finetune.FinetuneEncoder(), set())
+    assert encoder_fields(start) == CARD and start.name == "vit_tiny_patch16_224"
+    item = selection_items(read_selection(hub_store["selection"]), slide_refs(hub_store["slides"]),
+                           hub_store["store"]).items[0]
+    model = build_encoder_model(start).eval()
+    transform, _ = build_transform(model, start, item.geometry.patch_size)
+    image, _ = PatchDataset([item], transform)[0]
+    with torch.inference_mode():
+        embedding = model(image[None])[0].numpy()
+    (features,) = (hub_store["store"] / "features").iterdir()
+    bag = read_bag(features / "s0.h5")
+    row = int(np.flatnonzero((bag.coords == [item.x, item.y]).all(axis=1))[0])
+    assert embedding.shape == bag.features[row].shape == (2 * 192,)
+    np.testing.assert_allclose(embedding, bag.features[row], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("age", ["record without hub fields", "attributes only"])
+def test_older_hub_stores_name_their_hub_file(hub_store, tmp_path, age):
+    """A record written before hub sources were recorded, or a store with no record at all, still gives the hub
+    and its file (from the files' `weights` attribute, `hf-hub:<repo>/<file>`), never `hf-hub:...` as a path."""
+    import shutil
+
+    from features.provenance import recorded_encoder
+
+    (features,) = (hub_store["store"] / "features").iterdir()
+    copy = shutil.copytree(features, tmp_path / features.name)
+    record = json.loads((copy / "settings.json").read_text())
+    if age == "attributes only":
+        (copy / "settings.json").unlink()
+    else:
+        for key in ("encoder.hub", "encoder.hub_file"):
+            del record["recorded"][key]
+        (copy / "settings.json").write_text(json.dumps(record))
+    recorded, _ = recorded_encoder(copy)
+    assert {key: recorded[key] for key in CARD} == CARD
+    assert recorded["weights_sha256"] == record["settings"]["encoder.weights_sha256"]
+
+
+def test_finetune_refuses_pooling_normalisation_or_hub_that_contradict_the_store(hub_store, tmp_path, monkeypatch):
+    from features.training import finetune
+
+    no_network(monkeypatch, hub_store["cache"], offline=True)
+    out = tmp_path / "ft.safetensors"
+    for extra, named in [
+        (["--encoder.pooling", "model"], r"--encoder.pooling model \(store: cls_mean\)"),
+        (["--encoder.mean", "[0.5, 0.5, 0.5]"], r"--encoder.mean \[0.5, 0.5, 0.5\] \(store: \[0.6, 0.5, 0.4\]\)"),
+        (["--encoder.hub_file", "other.bin"], rf"--encoder.hub {HUB} --encoder.hub_file other.bin \(store: "
+                                              rf"{HUB_SOURCE} sha256 [0-9a-f]{{12}}\)"),
+    ]:
+        with pytest.raises(InputError, match=named + ".*--encoder.override true") as error:
+            finetune.main(finetune_argv(hub_store, out, *extra))
+        assert "\n" not in str(error.value)
+    assert not out.exists()
+    # The same values given again (a preset passed whole, say) agree with the store.
+    argv = finetune_argv(hub_store, out, *HUB_ENCODER)
+    given = finetune.FinetuneEncoder(**{**CARD, "name": "vit_tiny_patch16_224",
+                                        "model_kwargs": {"img_size": 64, "depth": 1}})
+    start = finetune.start_encoder(str(hub_store["store"]), given, finetune.given_encoder_fields(argv))
+    assert encoder_fields(start) == CARD
+
+
+def test_finetune_fetches_the_hub_file_again_and_refuses_another(hub_store, tmp_path, monkeypatch):
+    """The hub file comes from the hub cache (or a download); offline without it, or with another file than the
+    store's, the refusal is one line naming the fix."""
+    from features.training import finetune
+
+    no_network(monkeypatch, tmp_path / "empty", offline=True)
+    with pytest.raises(InputError, match=rf"{HUB}.*HF_HUB_OFFLINE.*--encoder.weights FILE") as error:
+        finetune.start_encoder(str(hub_store["store"]), finetune.FinetuneEncoder(), set())
+    assert "\n" not in str(error.value)
+    hub_file_with(5, tmp_path / "other")
+    no_network(monkeypatch, tmp_path / "other", offline=True)
+    with pytest.raises(InputError, match=rf"{HUB_SOURCE}: the hub's file .* is not the one .* --encoder.weights FILE"):
+        finetune.start_encoder(str(hub_store["store"]), finetune.FinetuneEncoder(), set())
+
+
+def test_finetune_from_a_hub_store_trains_from_the_hub_file(hub_store, tmp_path, monkeypatch):
+    from features.training import finetune
+
+    no_network(monkeypatch, hub_store["cache"], offline=True)
+    out = tmp_path / "ft.safetensors"
+    finetune.main(finetune_argv(hub_store, out))
+    sidecar = json.loads(Path(f"{out}.json").read_text())
+    assert sidecar["started_from"] == HUB_SOURCE and sidecar["steps"] > 0
+    assert {key: sidecar["settings"]["encoder"][key] for key in CARD} == CARD
