@@ -77,11 +77,12 @@ def mine(args: MineArgs) -> pd.DataFrame:
     print(f"selection: {args.out}  " + "  ".join(f"{kind}={n}" for kind, n in counts.items())
           + f"  (from {len(table)} patches of {table['slide_id'].nunique()} training slides"
           + ("" if removed is None else f"; {removed} positive candidates dropped for a normal-slide twin") + ")")
-    pool = selection.attrs["candidate_pool"]
-    if pool["warning"]:
-        print(f"warning: {pool['warning']}", flush=True)
+    pool, twins = selection.attrs["candidate_pool"], selection.attrs["twin_test"]
+    for warning in (pool["warning"], twins and twins["warning"]):
+        if warning:
+            print(f"warning: {warning}", flush=True)
     # Label-free numbers always; precision and composition only where annotations say what each patch is.
-    report = {"candidate_pool": pool, "positive_twins_removed": removed}
+    report = {"candidate_pool": pool, "positive_twins_removed": removed, "twin_test": twins}
     if args.annotations:
         report.update(selection_quality(table, selection))
     write_quality(Path(args.out).with_name(QUALITY_NAME), report)

@@ -25,7 +25,7 @@ from mil.patch_scores import find_patch_scores
 from mil.patch_scores import read_patch_scores as read_patch_scores_file
 from mil.mining.pseudo_labels import PositiveSchedule, normal_calibrated_threshold, pseudo_positive_mask, sigmoid
 from mil.mining.quality import candidate_pool
-from mil.mining.twins import TwinFilter, twin_free_mask
+from mil.mining.twins import TwinFilter, TwinResult, twin_test
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,8 @@ def select_patches(table: pd.DataFrame, config: MiningConfig, round_index: int =
     """The selection (the columns of docs/formats.md + ``prob``, ``slide_label``) from a training patch table.
 
     With ``features`` (the folder the scored model read), positive candidates with a normal-slide twin are
-    dropped first; how many is in ``selection.attrs["positive_twins_removed"]``.
+    dropped first; how many is in ``selection.attrs["positive_twins_removed"]``, the test's label-free report in
+    ``selection.attrs["twin_test"]`` (None: not run).
     """
     if len(table) and set(table["split"]) != {"train"}:
         raise ValueError(f"mining got non-training slides (splits {sorted(set(table['split']))}); only train is allowed")
@@ -120,7 +121,8 @@ def select_patches(table: pd.DataFrame, config: MiningConfig, round_index: int =
     fraction = config.positives.fraction(round_index)
     threshold = normal_calibrated_threshold(probs, labels, config.threshold, config.normal_quantile)
     pool = candidate_pool(labels, probs, threshold, config.max_candidate_share)
-    eligible, removed = _twin_free(table, probs, threshold, config, round_index, features)
+    twins = _twin_test(table, probs, threshold, config, round_index, features)
+    eligible, removed = _eligible(twins, table, probs, threshold)
     positive = pseudo_positive_mask(slide_ids, labels, probs, threshold, fraction, eligible)
     positive = _cap(positive, probs, config.max_positives)
     normal = np.flatnonzero(labels == 0)
@@ -144,23 +146,36 @@ def select_patches(table: pd.DataFrame, config: MiningConfig, round_index: int =
             selection[column] = chosen[column]
     selection = selection.reset_index(drop=True)
     selection.attrs["positive_twins_removed"] = removed
+    selection.attrs["twin_test"] = None if twins is None else twins.report()
     selection.attrs["candidate_pool"] = pool
     return selection
 
 
-def _twin_free(table: pd.DataFrame, probs: np.ndarray, threshold: float, config: MiningConfig, round_index: int,
-               features: str | Path | None) -> tuple[np.ndarray | None, int | None]:
-    """Eligibility mask after the twin test, and how many candidates it removed (None: test not run)."""
+def _twin_test(table: pd.DataFrame, probs: np.ndarray, threshold: float, config: MiningConfig, round_index: int,
+               features: str | Path | None) -> TwinResult | None:
+    """The twin test on the positive candidates (None: no features, or ``twins.k = 0``)."""
     if features is None or config.twins.k <= 0:
+        return None
+    return twin_test(table, _candidates(table, probs, threshold), features, config.twins,
+                     seed=config.seed + round_index)
+
+
+def _candidates(table: pd.DataFrame, probs: np.ndarray, threshold: float) -> np.ndarray:
+    return np.flatnonzero((table["label"].to_numpy() == 1) & (probs >= threshold))
+
+
+def _eligible(twins: TwinResult | None, table: pd.DataFrame, probs: np.ndarray,
+              threshold: float) -> tuple[np.ndarray | None, int | None]:
+    """Eligibility mask after the twin test, and how many candidates it removed (None: test not run).
+
+    Candidates that fail are never let back in: when none passes, no candidate is eligible (and
+    :func:`pseudo_positive_mask` falls back to each tumour slide's top patch, with a warning).
+    """
+    if twins is None:
         return None, None
-    candidates = np.flatnonzero((table["label"].to_numpy() == 1) & (probs >= threshold))
-    free = twin_free_mask(table, candidates, features, config.twins, seed=config.seed + round_index)
-    if len(candidates) and not free.any():
-        log.warning("every positive candidate has a normal-slide twin; keeping them all (twin test skipped)")
-        return None, 0
     eligible = np.ones(len(table), dtype=bool)
-    eligible[candidates[~free]] = False
-    return eligible, int((~free).sum())
+    eligible[_candidates(table, probs, threshold)[~twins.free]] = False
+    return eligible, int((~twins.free).sum())
 
 
 def _top_fraction(rows: np.ndarray, probs: np.ndarray, ratio: float, minimum: int, cap: int | None) -> np.ndarray:

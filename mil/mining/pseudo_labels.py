@@ -58,8 +58,9 @@ def pseudo_positive_mask(slide_ids: np.ndarray, slide_labels: np.ndarray, probs:
     mask = np.zeros(len(probs), dtype=bool)
     if len(candidates) == 0:
         if tumour.any():
-            warnings.warn(f"no tumour-slide patch has probability >= {threshold}; taking the top patch of each "
-                          "tumour slide as positive", stacklevel=2)
+            why = "" if eligible is None else " and passes the twin test"
+            warnings.warn(f"no tumour-slide patch has probability >= {threshold}{why}; taking the top patch of "
+                          "each tumour slide as positive", stacklevel=2)
             mask[top_per_slide(slide_ids, probs, tumour)] = True
         return mask
     keep = max(1, int(round(fraction * len(candidates))))

@@ -12,6 +12,13 @@ tumour-slide and normal-slide training patches: ``d_normal``, to the nearest nor
 ``d_normal > ratio * d_tumour``. Tumour has dense company on tumour slides and none on normal slides, so it
 passes; a look-alike has its nearest twin on a normal slide about as close as its ``k``-th on a tumour slide
 whenever it is less than ``k`` times commoner there, so it fails.
+
+``k`` cannot exceed the number of tumour patches in the reference sample: with few tumour-slide patches (a small
+cohort, a small tumour share, fewer normal-slide patches to match the sample size) even tumour has no ``k``
+tumour-slide neighbours nearer than the nearest normal patch, and every candidate fails. Failed candidates are
+never let back in (keeping them all would hand fine-tuning the whole confident pool, look-alikes included):
+mining then falls back to each tumour slide's top patch and says so in one line. Halving ``k`` until some
+candidates pass was tried and was less precise than that fallback (docs/method.md).
 """
 
 from __future__ import annotations
@@ -65,23 +72,50 @@ def patch_features(features: str | Path, table: pd.DataFrame, rows: np.ndarray) 
     return out if out is not None else np.zeros((0, 0), dtype=np.float32)
 
 
-def twin_free_mask(table: pd.DataFrame, candidates: np.ndarray, features: str | Path, config: TwinFilter,
-                   seed: int = 0) -> np.ndarray:
-    """Boolean mask over ``candidates`` (row indices of ``table``): True where no normal-slide twin is near.
+@dataclass
+class TwinResult:
+    """The outcome of the twin test: which candidates are twin-free, and the label-free facts behind it."""
+
+    free: np.ndarray
+    """Boolean mask over the candidates: True where no normal-slide twin is near."""
+    k: int
+    """The tumour-slide neighbour rank used."""
+    ran: bool = True
+    """False when there were too few reference patches (or no candidates) to run it: every candidate is free."""
+
+    @property
+    def warning(self) -> str | None:
+        """One line when every candidate failed (no annotations needed to see it)."""
+        if not self.ran or len(self.free) == 0 or self.free.any():
+            return None
+        return (f"every one of the {len(self.free)} positive candidates has a normal-slide twin (twin test, "
+                f"k={self.k}): none is trusted, so positives fall back to each tumor slide's top patch; with few "
+                "tumor-slide patches a smaller mining.twins.k may be needed")
+
+    def report(self) -> dict:
+        """For selection_quality.json."""
+        return {"k": self.k, "ran": self.ran, "candidates": int(len(self.free)), "passed": int(self.free.sum()),
+                "warning": self.warning}
+
+
+def twin_test(table: pd.DataFrame, candidates: np.ndarray, features: str | Path, config: TwinFilter,
+              seed: int = 0) -> TwinResult:
+    """Which ``candidates`` (row indices of ``table``) have no normal-slide twin near.
 
     Beyond ``max_candidates`` (by score) candidates are not tested and come back False.
     """
     if len(candidates) > config.max_candidates > 0:
         scores = table["score"].to_numpy()[candidates]
         tested = np.sort(np.argsort(-scores, kind="stable")[:config.max_candidates])
+        inner = twin_test(table, candidates[tested], features, config, seed)
         mask = np.zeros(len(candidates), dtype=bool)
-        mask[tested] = twin_free_mask(table, candidates[tested], features, config, seed)
-        return mask
+        mask[tested] = inner.free
+        return TwinResult(mask, inner.k, inner.ran)
     labels = table["label"].to_numpy()
     tumour_rows, normal_rows = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
     n = min(len(tumour_rows), len(normal_rows), config.max_reference)
     if config.k <= 0 or len(candidates) == 0 or n <= config.k:
-        return np.ones(len(candidates), dtype=bool)
+        return TwinResult(np.ones(len(candidates), dtype=bool), config.k, ran=False)
     rng = np.random.default_rng(seed)
     tumour_ref = np.sort(rng.choice(tumour_rows, size=n, replace=False))
     normal_ref = np.sort(rng.choice(normal_rows, size=n, replace=False))
@@ -99,4 +133,4 @@ def twin_free_mask(table: pd.DataFrame, candidates: np.ndarray, features: str | 
     distances, neighbours = tumour_index.kneighbors(query)
     is_self = tumour_ref[neighbours] == candidates[:, None]  # a candidate in the reference is not its own company
     d_tumour = np.array([d[~s][config.k - 1] for d, s in zip(distances, is_self)])
-    return d_normal > config.ratio * d_tumour
+    return TwinResult(d_normal > config.ratio * d_tumour, config.k)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import h5py
@@ -16,6 +17,7 @@ from mil.mining import cli
 from mil.mining.mine import MiningConfig, read_patch_scores, read_slide_labels, select_patches, training_patch_table
 from mil.mining.pseudo_labels import PositiveSchedule, normal_calibrated_threshold, pseudo_positive_mask, sigmoid
 from mil.mining.quality import candidate_pool, selection_quality
+from mil.mining.twins import TwinFilter
 
 
 def logit(p):
@@ -201,6 +203,26 @@ def test_twin_test_drops_positive_candidates_that_have_a_normal_slide_twin(tmp_p
     pd.testing.assert_frame_equal(*negatives)
 
 
+def test_candidates_that_all_fail_the_twin_test_are_not_let_back_in(tmp_path):
+    """A reference sample too small for k (few tumour patches in it) fails every candidate, tumour included.
+
+    Keeping them all then would make every confident tumour-slide patch a positive (look-alikes included); the
+    selection must instead fall back to a handful (one per tumour slide) and say why, label-free.
+    """
+    patches = twin_cohort(tmp_path / "features")
+    config = MiningConfig(positives=PositiveSchedule(start=1.0, end=1.0), twins=TwinFilter(k=20, max_reference=60))
+    with pytest.warns(UserWarning, match="passes the twin test"):
+        selection = select_patches(patches, config, features=tmp_path / "features")
+    positives = selection[selection["kind"] == "positive"]
+    assert len(positives) == 6 and positives["slide_id"].nunique() == 6
+    report = selection.attrs["twin_test"]
+    assert report["passed"] == 0 and report["candidates"] == 108 == selection.attrs["positive_twins_removed"]
+    assert "every one of the 108 positive candidates has a normal-slide twin" in report["warning"]
+    # The same cohort with the full reference passes tumour, and says nothing.
+    full = select_patches(patches, replace(config, twins=TwinFilter(k=20)), features=tmp_path / "features")
+    assert full.attrs["twin_test"]["warning"] is None and full.attrs["twin_test"]["passed"] == 40
+
+
 def test_twin_test_needs_features_for_every_scored_patch(tmp_path):
     patches = twin_cohort(tmp_path / "features")
     patches.loc[patches.index[0], "x"] = 99_999
@@ -209,12 +231,12 @@ def test_twin_test_needs_features_for_every_scored_patch(tmp_path):
 
 
 def test_twin_test_caps_the_candidates_it_tests(tmp_path):
-    from mil.mining.twins import TwinFilter, twin_free_mask
+    from mil.mining.twins import TwinFilter, twin_test
 
     patches = twin_cohort(tmp_path / "features").reset_index(drop=True)
     candidates = np.flatnonzero(patches["label"].to_numpy() == 1)
-    full = twin_free_mask(patches, candidates, tmp_path / "features", TwinFilter())
-    capped = twin_free_mask(patches, candidates, tmp_path / "features", TwinFilter(max_candidates=50))
+    full = twin_test(patches, candidates, tmp_path / "features", TwinFilter()).free
+    capped = twin_test(patches, candidates, tmp_path / "features", TwinFilter(max_candidates=50)).free
     top = np.argsort(-patches["score"].to_numpy()[candidates], kind="stable")[:50]
     assert np.array_equal(capped[top], full[top]) and not np.delete(capped, top).any()
 
