@@ -72,17 +72,20 @@ def mine(args: MineArgs) -> pd.DataFrame:
         table["truth"] = truth_categories(table, args.annotations, sizes)
     selection = select_patches(table, args.mining, args.round, args.features)
     removed = selection.attrs.get("positive_twins_removed")
+    near_hard = selection.attrs.get("positives_near_hard_negatives")
     write_selection(args.out, selection)
     counts = counts_by_kind(selection)
     print(f"selection: {args.out}  " + "  ".join(f"{kind}={n}" for kind, n in counts.items())
           + f"  (from {len(table)} patches of {table['slide_id'].nunique()} training slides"
-          + ("" if removed is None else f"; {removed} positive candidates dropped for a normal-slide twin") + ")")
+          + ("" if removed is None else f"; {removed} positive candidates dropped for a normal-slide twin")
+          + ("" if near_hard is None else f", {near_hard} positives for a nearby hard negative") + ")")
     pool, twins = selection.attrs["candidate_pool"], selection.attrs["twin_test"]
     for warning in (pool["warning"], twins and twins["warning"]):
         if warning:
             print(f"warning: {warning}", flush=True)
     # Label-free numbers always; precision and composition only where annotations say what each patch is.
-    report = {"candidate_pool": pool, "positive_twins_removed": removed, "twin_test": twins}
+    report = {"candidate_pool": pool, "positive_twins_removed": removed, "twin_test": twins,
+              "positives_near_hard_negatives": near_hard}
     if args.annotations:
         report.update(selection_quality(table, selection))
     write_quality(Path(args.out).with_name(QUALITY_NAME), report)

@@ -13,6 +13,7 @@ epoch is one pass over this pool, ``neg_ratio`` also sets the cost of fine-tunin
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,9 +24,10 @@ from features.errors import InputError
 from mil.data.labels import DEFAULT_LABEL_MAP, read_labels
 from mil.patch_scores import find_patch_scores
 from mil.patch_scores import read_patch_scores as read_patch_scores_file
-from mil.mining.pseudo_labels import PositiveSchedule, normal_calibrated_threshold, pseudo_positive_mask, sigmoid
+from mil.mining.pseudo_labels import (PositiveSchedule, normal_calibrated_threshold, pseudo_positive_mask, sigmoid,
+                                      top_per_slide)
 from mil.mining.quality import candidate_pool
-from mil.mining.twins import TwinFilter, TwinResult, twin_test
+from mil.mining.twins import TwinFilter, TwinResult, near_hard_negatives, twin_test
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +112,8 @@ def select_patches(table: pd.DataFrame, config: MiningConfig, round_index: int =
 
     With ``features`` (the folder the scored model read), positive candidates with a normal-slide twin are
     dropped first; how many is in ``selection.attrs["positive_twins_removed"]``, the test's label-free report in
-    ``selection.attrs["twin_test"]`` (None: not run).
+    ``selection.attrs["twin_test"]`` (None: not run). Then positives with a hard negative nearer than their
+    ``twins.hard_negative_k``-th fellow positive are dropped (``attrs["positives_near_hard_negatives"]``).
     """
     if len(table) and set(table["split"]) != {"train"}:
         raise ValueError(f"mining got non-training slides (splits {sorted(set(table['split']))}); only train is allowed")
@@ -127,6 +130,7 @@ def select_patches(table: pd.DataFrame, config: MiningConfig, round_index: int =
     positive = _cap(positive, probs, config.max_positives)
     normal = np.flatnonzero(labels == 0)
     hard = _top_fraction(normal, probs, config.neg_ratio, config.min_hard_negatives, config.max_hard_negatives)
+    positive, near_hard = _drop_near_hard_negatives(table, probs, positive, hard, config, features)
     rest = np.setdiff1d(normal, hard)
     rng = np.random.default_rng([config.seed, round_index])
     n_random = min(len(rest), int(round(config.random_ratio * len(normal))))
@@ -147,6 +151,7 @@ def select_patches(table: pd.DataFrame, config: MiningConfig, round_index: int =
     selection = selection.reset_index(drop=True)
     selection.attrs["positive_twins_removed"] = removed
     selection.attrs["twin_test"] = None if twins is None else twins.report()
+    selection.attrs["positives_near_hard_negatives"] = near_hard
     selection.attrs["candidate_pool"] = pool
     return selection
 
@@ -176,6 +181,28 @@ def _eligible(twins: TwinResult | None, table: pd.DataFrame, probs: np.ndarray,
     eligible = np.ones(len(table), dtype=bool)
     eligible[_candidates(table, probs, threshold)[~twins.free]] = False
     return eligible, int((~twins.free).sum())
+
+
+def _drop_near_hard_negatives(table: pd.DataFrame, probs: np.ndarray, positive: np.ndarray, hard: np.ndarray,
+                              config: MiningConfig, features: str | Path | None) -> tuple[np.ndarray, int | None]:
+    """Positives without a hard negative among their nearest fellows, and how many were dropped (None: not run).
+
+    If every positive is near a hard negative, each tumour slide's top patch is taken instead, with a warning:
+    the same fallback as when no candidate passes the twin test.
+    """
+    k = config.twins.hard_negative_k
+    if features is None or k <= 0 or not positive.any():
+        return positive, None
+    rows = np.flatnonzero(positive)
+    near = near_hard_negatives(table, rows, hard, features, k)
+    kept = positive.copy()
+    kept[rows[near]] = False
+    if not kept.any():
+        warnings.warn(f"every one of the {len(rows)} positives has a hard negative nearer than its fellow positives; "
+                      "taking the top patch of each tumour slide as positive", stacklevel=3)
+        labels = table["label"].to_numpy()
+        kept[top_per_slide(table["slide_id"].to_numpy(), probs, labels == 1)] = True
+    return kept, int(near.sum())
 
 
 def _top_fraction(rows: np.ndarray, probs: np.ndarray, ratio: float, minimum: int, cap: int | None) -> np.ndarray:

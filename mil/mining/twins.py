@@ -42,6 +42,9 @@ class TwinFilter:
     """The tumour-slide neighbour rank compared with the nearest normal-slide patch."""
     ratio: float = 1.0
     """Twin-free when d_normal > ratio * d_tumour."""
+    hard_negative_k: int = 5
+    """A positive whose nearest hard negative is nearer than its ``k``-th nearest fellow positive is dropped (after
+    the hard negatives are mined); 0 turns this second test off."""
     max_reference: int = 20_000
     """Patches sampled per class for the reference sets (memory bound)."""
     max_candidates: int = 50_000
@@ -134,3 +137,26 @@ def twin_test(table: pd.DataFrame, candidates: np.ndarray, features: str | Path,
     is_self = tumour_ref[neighbours] == candidates[:, None]  # a candidate in the reference is not its own company
     d_tumour = np.array([d[~s][config.k - 1] for d, s in zip(distances, is_self)])
     return TwinResult(d_normal > config.ratio * d_tumour, config.k)
+
+
+def near_hard_negatives(table: pd.DataFrame, positives: np.ndarray, hard: np.ndarray, features: str | Path,
+                        k: int) -> np.ndarray:
+    """Boolean mask over ``positives`` (rows of ``table``): True where a hard negative is nearer than the ``k``-th
+    nearest other positive, in the round's standardised features.
+
+    Hard negatives are the normal-slide patches the model scores most tumour-like, so they sit where look-alikes
+    are. A positive among them is most likely a look-alike too, and fine-tuning would be asked to pull it toward
+    the positives while pushing its neighbours away: the contradiction that drags look-alikes and tumour together.
+    Tumour has its fellow positives nearer (it clusters and never occurs on a normal slide). ``k`` is capped at
+    the number of other positives; with fewer than two positives, or no hard negatives, nothing is flagged.
+    """
+    k = min(k, len(positives) - 1)
+    if k < 1 or len(hard) == 0:
+        return np.zeros(len(positives), dtype=bool)
+    rows = np.unique(np.concatenate([positives, hard]))
+    vectors = patch_features(features, table.reset_index(drop=True), rows)
+    scaled = (vectors - vectors.mean(axis=0)) / (vectors.std(axis=0) + 1e-6)
+    at = lambda which: scaled[np.searchsorted(rows, which)]  # noqa: E731
+    fellows = NearestNeighbors(n_neighbors=k + 1).fit(at(positives)).kneighbors(at(positives))[0][:, k]
+    nearest_hard = NearestNeighbors(n_neighbors=1).fit(at(hard)).kneighbors(at(positives))[0][:, 0]
+    return nearest_hard < fellows

@@ -223,6 +223,27 @@ def test_candidates_that_all_fail_the_twin_test_are_not_let_back_in(tmp_path):
     assert full.attrs["twin_test"]["warning"] is None and full.attrs["twin_test"]["passed"] == 40
 
 
+def test_positives_with_a_hard_negative_among_their_fellows_are_dropped(tmp_path):
+    """Look-alike positives sit where the mined hard negatives (normal-slide look-alikes) are; tumour does not."""
+    patches = twin_cohort(tmp_path / "features")
+    config = MiningConfig(positives=PositiveSchedule(start=1.0, end=1.0), neg_ratio=0.05,
+                          twins=TwinFilter(k=0, hard_negative_k=0))
+    plain = select_patches(patches, config, features=tmp_path / "features")
+    assert plain.attrs["positives_near_hard_negatives"] is None
+    assert set(plain.loc[plain["kind"] == "hard_negative", "truth"]) == {"lookalike"}
+    assert plain.loc[plain["kind"] == "positive", "truth"].value_counts().to_dict() == {"lookalike": 60, "tumor": 48}
+    cleaned = select_patches(patches, replace(config, twins=TwinFilter(k=0, hard_negative_k=5)),
+                             features=tmp_path / "features")
+    positives = cleaned.loc[cleaned["kind"] == "positive", "truth"].value_counts().to_dict()
+    assert positives["tumor"] >= 46 and positives["lookalike"] <= 24
+    assert cleaned.attrs["positives_near_hard_negatives"] == 108 - sum(positives.values())
+    # Negatives do not change; without features the test cannot run.
+    negatives = [frame.loc[frame["kind"] != "positive"].reset_index(drop=True) for frame in (plain, cleaned)]
+    pd.testing.assert_frame_equal(*negatives)
+    assert select_patches(patches, replace(config, twins=TwinFilter(k=0)), features=None).attrs[
+        "positives_near_hard_negatives"] is None
+
+
 def test_twin_test_needs_features_for_every_scored_patch(tmp_path):
     patches = twin_cohort(tmp_path / "features")
     patches.loc[patches.index[0], "x"] = 99_999
