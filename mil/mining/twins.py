@@ -42,9 +42,10 @@ class TwinFilter:
     """The tumour-slide neighbour rank compared with the nearest normal-slide patch."""
     ratio: float = 1.0
     """Twin-free when d_normal > ratio * d_tumour."""
-    hard_negative_k: int = 5
+    hard_negative_k: int = 0
     """A positive whose nearest hard negative is nearer than its ``k``-th nearest fellow positive is dropped (after
-    the hard negatives are mined); 0 turns this second test off."""
+    the hard negatives are mined); 0 (default) = off. Opt-in: 5 made every refresh on the mimic preset help but
+    broke two of three on the demo preset (docs/method.md)."""
     max_reference: int = 20_000
     """Patches sampled per class for the reference sets (memory bound)."""
     max_candidates: int = 50_000
