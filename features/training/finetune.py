@@ -173,12 +173,10 @@ NORMALISATION = ("mean", "std", "interpolation")
 
 
 def store_weights(recorded: dict) -> str:
-    """How the store's weights are named in a refusal: the file, the hub source, timm's pretrained name, or none."""
-    if recorded["weights"]:
-        return recorded["weights"]
-    if recorded["hub"]:
-        return "hf-hub:" + recorded["hub"] + (f"/{recorded['hub_file']}" if recorded["hub_file"] else "")
-    return recorded["name"] if recorded["pretrained"] or recorded["name"].startswith("hf-hub:") else "none"
+    """How the store's weights are named in a refusal (``none`` for a random init)."""
+    source = EncoderConfig(name=recorded["name"], weights=recorded["weights"], pretrained=recorded["pretrained"],
+                           hub=recorded["hub"], hub_file=recorded["hub_file"])
+    return weights_named(source) or "none"
 
 
 def contradictions(recorded: dict, start: FinetuneEncoder, fields_given: set[str]) -> list[str]:
@@ -273,15 +271,20 @@ def finetune(args: FinetuneArgs) -> Path:
     return out
 
 
-def started_from(encoder: EncoderConfig) -> str:
-    """The weights fine-tuning began with, as the sidecar names them."""
+def weights_named(encoder: EncoderConfig) -> str | None:
+    """The weights an encoder starts from, named: the file, the hub source, timm's pretrained name (None: random)."""
     if encoder.weights:
         return encoder.weights
     if encoder.hub:
         return hub_source(encoder)
     if encoder.pretrained or encoder.name.startswith("hf-hub:"):
         return encoder.name
-    return f"random init seed {encoder.seed}"
+    return None
+
+
+def started_from(encoder: EncoderConfig) -> str:
+    """The weights fine-tuning began with, as the sidecar names them."""
+    return weights_named(encoder) or f"random init seed {encoder.seed}"
 
 
 def epoch_lengths(selected: Selected, phases: list[str], batch_size: int, epochs: int) -> list[int]:

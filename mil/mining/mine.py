@@ -124,8 +124,9 @@ def select_patches(table: pd.DataFrame, config: MiningConfig, round_index: int =
     fraction = config.positives.fraction(round_index)
     threshold = normal_calibrated_threshold(probs, labels, config.threshold, config.normal_quantile)
     pool = candidate_pool(labels, probs, threshold, config.max_candidate_share)
-    twins = _twin_test(table, probs, threshold, config, round_index, features)
-    eligible, removed = _eligible(twins, table, probs, threshold)
+    candidates = np.flatnonzero((labels == 1) & (probs >= threshold))
+    twins = _twin_test(table, candidates, config, round_index, features)
+    eligible, removed = _eligible(twins, candidates, len(table))
     positive = pseudo_positive_mask(slide_ids, labels, probs, threshold, fraction, eligible)
     positive = _cap(positive, probs, config.max_positives)
     normal = np.flatnonzero(labels == 0)
@@ -156,21 +157,15 @@ def select_patches(table: pd.DataFrame, config: MiningConfig, round_index: int =
     return selection
 
 
-def _twin_test(table: pd.DataFrame, probs: np.ndarray, threshold: float, config: MiningConfig, round_index: int,
+def _twin_test(table: pd.DataFrame, candidates: np.ndarray, config: MiningConfig, round_index: int,
                features: str | Path | None) -> TwinResult | None:
     """The twin test on the positive candidates (None: no features, or ``twins.k = 0``)."""
     if features is None or config.twins.k <= 0:
         return None
-    return twin_test(table, _candidates(table, probs, threshold), features, config.twins,
-                     seed=config.seed + round_index)
+    return twin_test(table, candidates, features, config.twins, seed=config.seed + round_index)
 
 
-def _candidates(table: pd.DataFrame, probs: np.ndarray, threshold: float) -> np.ndarray:
-    return np.flatnonzero((table["label"].to_numpy() == 1) & (probs >= threshold))
-
-
-def _eligible(twins: TwinResult | None, table: pd.DataFrame, probs: np.ndarray,
-              threshold: float) -> tuple[np.ndarray | None, int | None]:
+def _eligible(twins: TwinResult | None, candidates: np.ndarray, n_rows: int) -> tuple[np.ndarray | None, int | None]:
     """Eligibility mask after the twin test, and how many candidates it removed (None: test not run).
 
     Candidates that fail are never let back in: when none passes, no candidate is eligible (and
@@ -178,8 +173,8 @@ def _eligible(twins: TwinResult | None, table: pd.DataFrame, probs: np.ndarray,
     """
     if twins is None:
         return None, None
-    eligible = np.ones(len(table), dtype=bool)
-    eligible[_candidates(table, probs, threshold)[~twins.free]] = False
+    eligible = np.ones(n_rows, dtype=bool)
+    eligible[candidates[~twins.free]] = False
     return eligible, int((~twins.free).sum())
 
 
