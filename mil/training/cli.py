@@ -5,11 +5,12 @@ A run is one directory (``--trainer.default_root_dir``, default ``runs/mil``) ho
 logs, ``versions.json``, predictions, patch scores and ``metrics.json``. The data module's ``feature_dim`` and
 ``num_classes`` are linked into the aggregator, so a config names a model without knowing the encoder.
 
-Checkpoints: ``checkpoints/best-*.ckpt`` is the best epoch by ``val_auc``; ``checkpoints/last.ckpt`` is the last
-finished epoch (rewritten after every validation), so ``--ckpt_path last`` resumes where a run stopped. Both carry
-the hyper-parameters (the config), so ``MILModule.load_from_checkpoint(path)`` needs no YAML. The checkpoint folder
-is derived from ``--trainer.default_root_dir`` at run time and never written into ``config.yaml``, so a saved
-config rerun elsewhere writes there.
+Checkpoints: ``checkpoints/best-*.ckpt`` is the best epoch by ``val_auc`` (``--checkpoint.tie_breaker`` decides
+ties); ``checkpoints/last.ckpt`` is the last finished epoch (rewritten after every validation), so ``--ckpt_path
+last`` resumes where a run stopped. Both carry the hyper-parameters (the config), so
+``MILModule.load_from_checkpoint(path)`` needs no YAML. The checkpoint folder is derived from
+``--trainer.default_root_dir`` at run time and never written into ``config.yaml``, so a saved config rerun
+elsewhere writes there.
 
 After ``fit`` the best checkpoint is evaluated on the validation split, and on the test split when there is one,
 and ``fit_summary.json`` marks the run finished: running the same ``fit`` again skips it, an unfinished one
@@ -45,6 +46,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
 from features.errors import InputError, fail
 from mil.data.datamodule import MILDataModule
+from mil.training.best_checkpoint import BestCheckpoint
 from mil.training.module import MILModule
 from mil.training.outputs import RunOutputs, write_json, write_run_metrics
 
@@ -74,7 +76,7 @@ class RunConfig(SaveConfigCallback):
 
 class MILCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(BestCheckpoint, "checkpoint")
         # last.ckpt comes from last_epoch_checkpoint(); this callback keeps the best epoch only. No version
         # counter: a rerun overwrites its own files instead of leaving last.ckpt beside last-v1.ckpt.
         parser.set_defaults({"checkpoint.monitor": "val_auc", "checkpoint.mode": "max", "checkpoint.save_last": False,

@@ -159,3 +159,24 @@ def test_two_process_test_run_writes_every_slide_once(run, cohort, tmp_path):
     table = pd.read_csv(copy / "predictions_test.csv")
     assert len(expected) >= 3 and set(table["slide_id"]) == expected and table["slide_id"].is_unique
     assert all((copy / "patch_scores" / f"{s}.h5").is_file() for s in expected)
+
+
+
+@pytest.mark.parametrize("tie_breaker", ["val_loss", "null"])
+def test_best_checkpoint_can_break_validation_auc_ties_by_validation_loss(cohort, tmp_path, tie_breaker):
+    """Val AUC reaches its best early and stays there. With ``--checkpoint.tie_breaker val_loss`` the kept epoch is
+    the tied one with the lowest val loss; by default the first tied epoch, as Lightning's ModelCheckpoint does."""
+    folder, labels = cohort
+    cli.fit(["--config", str(CONFIGS / "demo" / "mil_abmil.yaml"), "--data.features", str(folder),
+             "--data.labels", str(labels), "--trainer.default_root_dir", str(tmp_path), "--trainer.max_epochs=5",
+             "--model.lr=2e-2", "--data.batch_size=2", f"--checkpoint.tie_breaker={tie_breaker}",
+             "--early_stopping.patience=5", *QUIET])
+    logged = pd.read_csv(next(tmp_path.glob("csv/version_*/metrics.csv"))).dropna(subset=["val_auc"])
+    logged = logged[logged["epoch"] < json.loads((tmp_path / "fit_summary.json").read_text())["epochs"]]
+    tied = logged[logged["val_auc"] == logged["val_auc"].max()]
+    assert len(tied) > 1, "the cohort must tie on val AUC for this test to mean anything"
+    by_loss, first = int(tied.loc[tied["val_loss"].idxmin(), "epoch"]), int(tied["epoch"].iloc[0])
+    assert by_loss != first
+    best = Path(json.loads((tmp_path / "fit_summary.json").read_text())["best_checkpoint"]).name
+    expected = by_loss if tie_breaker == "val_loss" else first
+    assert best.startswith(f"best-epoch{expected:03d}-"), (best, tied[["epoch", "val_auc", "val_loss"]])
