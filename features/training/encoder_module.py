@@ -118,7 +118,8 @@ class ContrastiveEncoder(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = torch.optim.SGD(self.parameters(), lr=self.optim.lr, momentum=self.optim.momentum,
                                     weight_decay=self.optim.weight_decay)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        planned = getattr(self.trainer.datamodule, "stepping_batches", None)  # exact for phase-by-phase epochs
+        total = max(1, int((planned and planned(self.trainer)) or self.trainer.estimated_stepping_batches))
         warmup = int(self.optim.warmup_fraction * total)
 
         def factor(step: int) -> float:

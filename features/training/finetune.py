@@ -16,12 +16,15 @@ from them. Because an epoch walks the hard-negative pool, not the cohort, its co
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import lightning as L
+import torch
+from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from features.encoders import EncoderConfig, file_sha256, hub_source, weights_file
@@ -86,6 +89,10 @@ class FinetuneArgs:
     """Lightning Trainer flags."""
     patch_size_level0: int | None = None
     """Patch side in level-0 pixels, for CLAM files that carry no geometry."""
+    interpolate: float = 1.0
+    """Share of the fine-tuned weights in the saved encoder, the rest being the starting weights (WiSE-FT,
+    Wortsman et al. 2022): 1 saves the fine-tuned encoder, 0.5 the midpoint, which keeps more of what the
+    starting encoder knew when a few hundred mined patches pull it too far."""
 
 
 class PhaseData(L.LightningDataModule):
@@ -102,6 +109,25 @@ class PhaseData(L.LightningDataModule):
         # distributed sampler deals them out without reshuffling).
         return DataLoader(Subset(self.dataset, order.tolist()), batch_size=self.loading.batch_size, shuffle=False,
                           num_workers=self.loading.num_workers, drop_last=False)
+
+    def stepping_batches(self, trainer: L.Trainer) -> int | None:
+        """Optimizer steps of the whole fit, epoch by epoch (None when the epochs are not bounded).
+
+        Lightning estimates the steps from the first epoch's loader times the epochs; the two phases differ in
+        length, so that estimate is off, and a cosine schedule sized by it either ends early or never reaches its
+        end (on the demo loop it stopped at a quarter of the peak rate). This counts each epoch's phase.
+        """
+        if trainer.max_epochs is None or trainer.max_epochs < 0:
+            return None
+        limit = trainer.limit_train_batches
+        total = 0
+        for epoch in range(trainer.max_epochs):
+            order = phase_order(self.selected, phase_of(epoch, self.phases), self.loading.batch_size,
+                                self.loading.seed, epoch)
+            batches = math.ceil(math.ceil(len(order) / self.loading.batch_size) / max(1, trainer.world_size))
+            batches = min(batches, limit) if isinstance(limit, int) else int(batches * min(1.0, float(limit)))
+            total += math.ceil(batches / trainer.accumulate_grad_batches)
+        return min(total, trainer.max_steps) if trainer.max_steps and trainer.max_steps > 0 else total
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -251,12 +277,17 @@ def finetune(args: FinetuneArgs) -> Path:
     L.seed_everything(args.data.seed, workers=True, verbose=False)
     selection = read_selection(args.selection)
     selected = selection_items(selection, slide_refs(args.slides), args.coords, args.patch_size_level0)
+    if not 0.0 <= args.interpolate <= 1.0:
+        raise InputError(f"--interpolate {args.interpolate}: use a share between 0 and 1 (1 = the fine-tuned weights)")
     module = ContrastiveEncoder(args.encoder, args.optim)
+    start_weights = {key: value.detach().clone() for key, value in module.encoder.state_dict().items()}
     transform, size = view_transform(module, selected.items[0].geometry.patch_size, args.data.image_size, args.augment)
     data = PhaseData(selected, ViewsDataset(selected.items, transform, selected.labels), args.phases, args.data)
     trainer = make_trainer(args.trainer, str(run_dir(out)), reload_dataloaders_every_n_epochs=1)
     trainer.fit(module, datamodule=data)
     check_not_collapsed(trainer, str(out))
+    if args.interpolate < 1.0:
+        interpolate_weights(module.encoder, start_weights, args.interpolate)
     seconds = time.perf_counter() - started
     if trainer.is_global_zero:
         save_encoder_weights(module.encoder, out, {
@@ -265,10 +296,19 @@ def finetune(args: FinetuneArgs) -> Path:
             "started_from": started_from(args.encoder),
             "selection": str(args.selection), "selection_counts": counts_by_kind(selection), "image_size": size,
             "steps": int(trainer.global_step), "epochs": int(trainer.current_epoch), "seconds": round(seconds, 2),
+            "final_lr": float(trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[0]),
             "settings": json.loads(json.dumps(asdict(args), default=str)),
         })
         print(f"wrote {out} ({len(selected.items)} selected patches, {trainer.global_step} steps, {seconds:.1f} s)")
     return out
+
+
+def interpolate_weights(model: nn.Module, start: dict[str, torch.Tensor], share: float) -> None:
+    """Move ``model`` to ``start + share * (model - start)``, tensor by tensor (integer buffers stay as trained)."""
+    with torch.no_grad():
+        for key, value in model.state_dict().items():
+            if value.is_floating_point():
+                value.copy_(start[key].to(value) + share * (value - start[key].to(value)))
 
 
 def weights_named(encoder: EncoderConfig) -> str | None:

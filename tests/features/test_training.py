@@ -167,6 +167,38 @@ def test_finetune_two_phases_from_weights(cohort, tmp_path):
     assert any(not torch.equal(v, before.state_dict()[k]) for k, v in tuned.state_dict().items() if v.is_floating_point())
 
 
+def test_finetune_interpolate_saves_the_point_between_start_and_fine_tuned_weights(cohort, tmp_path):
+    """--interpolate 0.5 (WiSE-FT) saves start + 0.5 (fine-tuned - start) for every float tensor; the same seeded
+    run with the default 1 gives the fine-tuned end point to check against."""
+    from safetensors.torch import load_file
+
+    start = save_encoder_weights(build_encoder(EncoderConfig(name="resnet10t", seed=1)).model,
+                                 tmp_path / "start.safetensors")
+    run = ["--slides", str(cohort["slides"]), "--coords", str(cohort["store"]), "--selection", str(cohort["selection"]),
+           "--encoder.weights", str(start), "--data.batch_size", "4", "--trainer.max_epochs", "2", *FAST]
+    finetune.main([*run, "--out", str(tmp_path / "full.safetensors")])
+    finetune.main([*run, "--out", str(tmp_path / "half.safetensors"), "--interpolate", "0.5"])
+    before, full, half = (load_file(str(tmp_path / f"{name}.safetensors")) for name in ("start", "full", "half"))
+    moved = [key for key, value in full.items() if value.is_floating_point() and not torch.equal(value, before[key])]
+    assert moved
+    for key in moved:
+        torch.testing.assert_close(half[key], before[key] + 0.5 * (full[key] - before[key]), rtol=1e-5, atol=1e-6)
+    assert json.loads((tmp_path / "half.safetensors.json").read_text())["settings"]["interpolate"] == 0.5
+    with pytest.raises(InputError, match="--interpolate 1.5"):
+        finetune.main([*run, "--out", str(tmp_path / "bad.safetensors"), "--interpolate", "1.5"])
+
+
+def test_finetune_cosine_schedule_ends_at_zero_when_phases_differ_in_length(cohort, tmp_path):
+    """Positive phase first (3 steps), then hard negatives (2): Lightning's estimate, 3 x 2 = 6 steps, would leave
+    the schedule short of its end; the count per phase makes the last step's learning rate zero."""
+    out = tmp_path / "ft.safetensors"
+    finetune.main(["--slides", str(cohort["slides"]), "--coords", str(cohort["store"]), "--selection",
+                   str(cohort["selection"]), "--out", str(out), "--data.batch_size", "4", "--trainer.max_epochs", "2",
+                   "--phases", "[positive, hard_negative]", *FAST])
+    sidecar = json.loads(Path(f"{out}.json").read_text())
+    assert sidecar["steps"] == 5 and sidecar["final_lr"] == pytest.approx(0.0, abs=1e-12)
+
+
 def test_finetune_rejects_a_selection_from_another_cohort(cohort, tmp_path):
     other = tmp_path / "sel.csv"
     write_selection(other, pd.DataFrame([{"slide_id": "elsewhere", "x": 0, "y": 0, "pseudo_label": 1, "score": 0.0,
