@@ -13,7 +13,6 @@ epoch is one pass over this pool, ``neg_ratio`` also sets the cost of fine-tunin
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,8 +23,7 @@ from features.errors import InputError
 from mil.data.labels import DEFAULT_LABEL_MAP, read_labels
 from mil.patch_scores import find_patch_scores
 from mil.patch_scores import read_patch_scores as read_patch_scores_file
-from mil.mining.pseudo_labels import (PositiveSchedule, normal_calibrated_threshold, pseudo_positive_mask, sigmoid,
-                                      top_per_slide)
+from mil.mining.pseudo_labels import PositiveSchedule, normal_calibrated_threshold, pseudo_positive_mask, sigmoid
 from mil.mining.quality import candidate_pool
 from mil.mining.twins import TwinFilter, TwinResult, near_hard_negatives, twin_test
 
@@ -113,7 +111,8 @@ def select_patches(table: pd.DataFrame, config: MiningConfig, round_index: int =
     With ``features`` (the folder the scored model read), positive candidates with a normal-slide twin are
     dropped first; how many is in ``selection.attrs["positive_twins_removed"]``, the test's label-free report in
     ``selection.attrs["twin_test"]`` (None: not run). Then positives with a hard negative nearer than their
-    ``twins.hard_negative_k``-th fellow positive are dropped (``attrs["positives_near_hard_negatives"]``).
+    ``twins.hard_negative_k``-th fellow positive are dropped (``attrs["positives_near_hard_negatives"]``; the
+    test's report, with whether it was applied, in ``attrs["near_hard_test"]``).
     """
     if len(table) and set(table["split"]) != {"train"}:
         raise ValueError(f"mining got non-training slides (splits {sorted(set(table['split']))}); only train is allowed")
@@ -152,7 +151,9 @@ def select_patches(table: pd.DataFrame, config: MiningConfig, round_index: int =
     selection = selection.reset_index(drop=True)
     selection.attrs["positive_twins_removed"] = removed
     selection.attrs["twin_test"] = None if twins is None else twins.report()
-    selection.attrs["positives_near_hard_negatives"] = near_hard
+    selection.attrs["positives_near_hard_negatives"] = None if near_hard is None else (
+        near_hard["flagged"] if near_hard["applied"] else 0)
+    selection.attrs["near_hard_test"] = near_hard
     selection.attrs["candidate_pool"] = pool
     return selection
 
@@ -179,25 +180,32 @@ def _eligible(twins: TwinResult | None, candidates: np.ndarray, n_rows: int) -> 
 
 
 def _drop_near_hard_negatives(table: pd.DataFrame, probs: np.ndarray, positive: np.ndarray, hard: np.ndarray,
-                              config: MiningConfig, features: str | Path | None) -> tuple[np.ndarray, int | None]:
-    """Positives without a hard negative among their nearest fellows, and how many were dropped (None: not run).
+                              config: MiningConfig, features: str | Path | None) -> tuple[np.ndarray, dict | None]:
+    """Positives without a hard negative among their nearest fellows, and the test's report (None: not run).
 
-    If every positive is near a hard negative, each tumour slide's top patch is taken instead, with a warning:
-    the same fallback as when no candidate passes the twin test.
+    The test is not applied when it would leave fewer positives than there are training tumor slides: every such
+    slide holds tumor by its label, so a rule that trusts almost none of them has judged the features, not the
+    patches (on a demo cohort it left 4 positives, and the refresh broke). The positives then stay as the twin
+    test left them, and the report says so in one label-free line.
     """
     k = config.twins.hard_negative_k
     if features is None or k <= 0 or not positive.any():
         return positive, None
     rows = np.flatnonzero(positive)
     near = near_hard_negatives(table, rows, hard, features, k)
-    kept = positive.copy()
-    kept[rows[near]] = False
-    if not kept.any():
-        warnings.warn(f"every one of the {len(rows)} positives has a hard negative nearer than its fellow positives; "
-                      "taking the top patch of each tumour slide as positive", stacklevel=3)
-        labels = table["label"].to_numpy()
-        kept[top_per_slide(table["slide_id"].to_numpy(), probs, labels == 1)] = True
-    return kept, int(near.sum())
+    tumor_slides = int(table.loc[table["label"].to_numpy() == 1, "slide_id"].nunique())
+    kept = int(len(rows) - near.sum())
+    applied = kept >= tumor_slides
+    warning = None if applied else (
+        f"the near-hard-negative test (k={k}) would keep {kept} of {len(rows)} positives, fewer than the "
+        f"{tumor_slides} training tumor slides; not applied (positives as the twin test left them)")
+    report = {"k": k, "positives": int(len(rows)), "flagged": int(near.sum()), "applied": applied,
+              "warning": warning}
+    if not applied:
+        return positive, report
+    out = positive.copy()
+    out[rows[near]] = False
+    return out, report
 
 
 def _top_fraction(rows: np.ndarray, probs: np.ndarray, ratio: float, minimum: int, cap: int | None) -> np.ndarray:

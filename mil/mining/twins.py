@@ -44,8 +44,8 @@ class TwinFilter:
     """Twin-free when d_normal > ratio * d_tumour."""
     hard_negative_k: int = 0
     """A positive whose nearest hard negative is nearer than its ``k``-th nearest fellow positive is dropped (after
-    the hard negatives are mined); 0 (default) = off. Opt-in: 5 made every refresh on the mimic preset help but
-    broke two of three on the demo preset (docs/method.md)."""
+    the hard negatives are mined), unless that would leave fewer positives than training tumor slides; 0
+    (default) = off. configs/demo/hnm.yaml uses 5: every refresh on the mimic preset then helped (docs/method.md)."""
     max_reference: int = 20_000
     """Patches sampled per class for the reference sets (memory bound)."""
     max_candidates: int = 50_000

@@ -244,6 +244,25 @@ def test_positives_with_a_hard_negative_among_their_fellows_are_dropped(tmp_path
         "positives_near_hard_negatives"] is None
 
 
+def test_near_hard_test_that_would_keep_fewer_positives_than_tumor_slides_is_not_applied(tmp_path):
+    """With k as large as the positives, nearly every positive has a hard negative nearer than its k-th fellow:
+    the test would keep fewer positives than the 6 training tumor slides, so it is not applied, and says so."""
+    patches = twin_cohort(tmp_path / "features")
+    config = MiningConfig(positives=PositiveSchedule(start=1.0, end=1.0), neg_ratio=0.05,
+                          twins=TwinFilter(k=0, hard_negative_k=0))
+    plain = select_patches(patches, config, features=tmp_path / "features")
+    greedy = select_patches(patches, replace(config, twins=TwinFilter(k=0, hard_negative_k=107)),
+                            features=tmp_path / "features")
+    report = greedy.attrs["near_hard_test"]
+    assert report["positives"] == 108 and report["positives"] - report["flagged"] < 6 and not report["applied"]
+    assert "fewer than the 6 training tumor slides; not applied" in report["warning"]
+    assert greedy.attrs["positives_near_hard_negatives"] == 0
+    pd.testing.assert_frame_equal(plain, greedy)
+    applied = select_patches(patches, replace(config, twins=TwinFilter(k=0, hard_negative_k=5)),
+                             features=tmp_path / "features").attrs["near_hard_test"]
+    assert applied["applied"] and applied["warning"] is None
+
+
 def test_twin_test_needs_features_for_every_scored_patch(tmp_path):
     patches = twin_cohort(tmp_path / "features")
     patches.loc[patches.index[0], "x"] = 99_999
