@@ -121,10 +121,8 @@ class PhaseData(L.LightningDataModule):
             return None
         limit = trainer.limit_train_batches
         total = 0
-        for epoch in range(trainer.max_epochs):
-            order = phase_order(self.selected, phase_of(epoch, self.phases), self.loading.batch_size,
-                                self.loading.seed, epoch)
-            batches = math.ceil(math.ceil(len(order) / self.loading.batch_size) / max(1, trainer.world_size))
+        for patches in epoch_lengths(self.selected, list(self.phases), self.loading.batch_size, trainer.max_epochs):
+            batches = math.ceil(math.ceil(patches / self.loading.batch_size) / max(1, trainer.world_size))
             batches = min(batches, limit) if isinstance(limit, int) else int(batches * min(1.0, float(limit)))
             total += math.ceil(batches / trainer.accumulate_grad_batches)
         return min(total, trainer.max_steps) if trainer.max_steps and trainer.max_steps > 0 else total
@@ -328,6 +326,6 @@ def started_from(encoder: EncoderConfig) -> str:
 
 
 def epoch_lengths(selected: Selected, phases: list[str], batch_size: int, epochs: int) -> list[int]:
-    """Patches per epoch for each phase: what one fine-tuning epoch costs (used by the benchmark)."""
+    """Patches per epoch for each phase: what one fine-tuning epoch costs (sizes the learning-rate schedule)."""
     return [len(phase_order(selected, phase_of(e, tuple(phases)), batch_size, 0, e)) for e in range(epochs)]
 

@@ -130,7 +130,7 @@ def select_patches(table: pd.DataFrame, config: MiningConfig, round_index: int =
     positive = _cap(positive, probs, config.max_positives)
     normal = np.flatnonzero(labels == 0)
     hard = _top_fraction(normal, probs, config.neg_ratio, config.min_hard_negatives, config.max_hard_negatives)
-    positive, near_hard = _drop_near_hard_negatives(table, probs, positive, hard, config, features)
+    positive, near_hard = _drop_near_hard_negatives(table, positive, hard, config, features)
     rest = np.setdiff1d(normal, hard)
     rng = np.random.default_rng([config.seed, round_index])
     n_random = min(len(rest), int(round(config.random_ratio * len(normal))))
@@ -179,8 +179,8 @@ def _eligible(twins: TwinResult | None, candidates: np.ndarray, n_rows: int) -> 
     return eligible, int((~twins.free).sum())
 
 
-def _drop_near_hard_negatives(table: pd.DataFrame, probs: np.ndarray, positive: np.ndarray, hard: np.ndarray,
-                              config: MiningConfig, features: str | Path | None) -> tuple[np.ndarray, dict | None]:
+def _drop_near_hard_negatives(table: pd.DataFrame, positive: np.ndarray, hard: np.ndarray, config: MiningConfig,
+                              features: str | Path | None) -> tuple[np.ndarray, dict | None]:
     """Positives without a hard negative among their nearest fellows, and the test's report (None: not run).
 
     The test is not applied when it would leave fewer positives than there are training tumor slides: every such
