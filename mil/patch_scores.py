@@ -29,7 +29,7 @@ def write_patch_scores(run_dir: str | Path, slide_id: str, coords: np.ndarray, s
         if attention is not None:
             h5.create_dataset("attention", data=attention)
         h5.attrs["slide_id"] = slide_id
-        h5.attrs["scores"] = "tumour logit per patch (higher = more tumour-like)"
+        h5.attrs["scores"] = "tumor logit per patch (higher = more tumor-like)"
     return path
 
 

@@ -2,7 +2,7 @@
 
 Tissue has no canonical orientation, so flips and 90-degree rotations are free. Colour jitter stays within the
 range that H&E staining varies between labs (small hue shifts; a large hue shift would turn eosin blue and
-teach the encoder to ignore the very contrast that separates tumour from stroma). Crops are mild because a
+teach the encoder to ignore the very contrast that separates tumor from stroma). Crops are mild because a
 patch is already a small field of view.
 """
 

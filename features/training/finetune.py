@@ -9,7 +9,7 @@ An ``--encoder.*`` that contradicts the store is refused unless ``--encoder.over
 
 Epochs alternate two phases (ItS2CLR / HNM-WSI): a hard-negative phase, one pass over the mined hard negatives
 with pseudo-positives in every batch, and a self-paced positive phase, one pass over the positives with
-negatives mixed in. SupCon with the pseudo-labels pulls tumour patches together and pushes look-alikes away
+negatives mixed in. SupCon with the pseudo-labels pulls tumor patches together and pushes look-alikes away
 from them. Because an epoch walks the hard-negative pool, not the cohort, its cost scales with ``neg_ratio``.
 """
 

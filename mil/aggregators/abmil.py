@@ -5,7 +5,7 @@ softmax-normalised over the bag's valid patches, and the bag embedding sum_i a_i
 
 Instance score: the bag classifier applied to each patch embedding, s_i = W h_i + b. Since the attention
 weights sum to 1, the bag logit is exactly sum_i a_i s_i: the attention says how much a patch counts, s_i says
-which way it pushes. Attention alone is not a tumour score (normal slides also attend to some patches), and the
+which way it pushes. Attention alone is not a tumor score (normal slides also attend to some patches), and the
 ranking loss needs a signed per-patch logit, so s_i is what mining and heatmaps read; attention is kept too.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mil.aggregators.base import Aggregator, AggregatorOutput, embedder, masked_softmax, tumour_logit, zero_padding
+from mil.aggregators.base import Aggregator, AggregatorOutput, embedder, masked_softmax, tumor_logit, zero_padding
 
 
 class GatedAttention(nn.Module):
@@ -48,7 +48,7 @@ class ABMIL(Aggregator):
         bag = torch.einsum("bn,bnh->bh", attention, h)
         output = AggregatorOutput(
             logits=self.classifier(bag),
-            instance_scores=zero_padding(tumour_logit(self.classifier(h)), mask),
+            instance_scores=zero_padding(tumor_logit(self.classifier(h)), mask),
             attention=attention,
         )
         return output, h

@@ -1,8 +1,8 @@
 """The one contract every aggregator follows, so models are interchangeable in configs and in the training code.
 
 ``forward(x (B, N, D), mask (B, N) bool) -> AggregatorOutput``: bag ``logits`` (B, C) with C = 1 for binary
-tasks (the tumour logit) and C = number of classes otherwise; ``instance_scores`` (B, N), one raw tumour logit per
-patch (higher = more tumour-like; what the ranking loss, mining and heatmaps use); ``attention`` (B, N) or None.
+tasks (the tumor logit) and C = number of classes otherwise; ``instance_scores`` (B, N), one raw tumor logit per
+patch (higher = more tumor-like; what the ranking loss, mining and heatmaps use); ``attention`` (B, N) or None.
 Padded patches (mask False) never change any output; their instance scores and attention are set to 0.
 """
 
@@ -51,8 +51,8 @@ def embedder(in_dim: int, hidden_dim: int, dropout: float) -> nn.Module:
     return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout))
 
 
-def tumour_logit(logits: Tensor) -> Tensor:
-    """Per-item tumour logit from (..., C) logits: the logit itself if C = 1, else log-odds of "not class 0"."""
+def tumor_logit(logits: Tensor) -> Tensor:
+    """Per-item tumor logit from (..., C) logits: the logit itself if C = 1, else log-odds of "not class 0"."""
     if logits.shape[-1] == 1:
         return logits[..., 0]
     return torch.logsumexp(logits[..., 1:], dim=-1) - logits[..., 0]
@@ -97,4 +97,4 @@ class PatchClassifierPooling(Aggregator):
     def forward(self, x: Tensor, mask: Tensor) -> AggregatorOutput:
         patch_logits = self.classifier(self.embed(x))  # (B, N, C)
         return AggregatorOutput(logits=self.pool(patch_logits, mask),
-                                instance_scores=zero_padding(tumour_logit(patch_logits), mask))
+                                instance_scores=zero_padding(tumor_logit(patch_logits), mask))

@@ -13,8 +13,8 @@ Published choices, each an argument: queries are ``Linear-ReLU-Linear-Tanh`` to 
 before the two streams (``embed_dim=None``). ``embed_dim`` adds the project's usual ``Linear-ReLU-Dropout``
 projection in front of both streams, which older versions of this class always had.
 
-Per-patch outputs: ``instance_scores`` are stream 1's tumour logits (what the max-instance loss trains, and what
-mining reads); ``attention`` is stream 2's weights for the tumour class(es) (what the authors draw as heatmaps).
+Per-patch outputs: ``instance_scores`` are stream 1's tumor logits (what the max-instance loss trains, and what
+mining reads); ``attention`` is stream 2's weights for the tumor class(es) (what the authors draw as heatmaps).
 Stream 1 is trained only through each bag's single top patch, so its ranking of all the other patches is
 unsupervised; docs/mil.md shows how that ranking can come out inverted while the slide calls are right.
 """
@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mil.aggregators.base import Aggregator, AggregatorOutput, embedder, masked_max, masked_softmax, tumour_logit, zero_padding
+from mil.aggregators.base import Aggregator, AggregatorOutput, embedder, masked_max, masked_softmax, tumor_logit, zero_padding
 from mil.losses.bag import classification_loss
 
 # The authors' parameter names (``MILNet(FCLayer, BClassifier)``) -> ours; their layer indexes equal ours.
@@ -39,7 +39,7 @@ class DSMIL(Aggregator):
         """
         Args:
             in_dim: Embedding size of the stored features.
-            num_classes: Number of slide classes (2 = one tumour logit).
+            num_classes: Number of slide classes (2 = one tumor logit).
             embed_dim: Size of a ``Linear-ReLU-Dropout`` projection before both streams; None = none (published).
             query_dim: Size of the queries (128 published).
             nonlinear_query: ``Linear-ReLU-Linear-Tanh`` queries (published default) instead of one linear layer.
@@ -71,11 +71,11 @@ class DSMIL(Aggregator):
         attention = masked_softmax(similarity, mask)  # (B, N, C), softmax over patches
         pooled = torch.einsum("bnc,bnh->bch", attention, self.value(h))
         logits = self.bag_classifier(pooled)[..., 0]
-        tumour_attention = attention[..., 0] if self.n_outputs == 1 else attention[..., 1:].mean(-1)
+        tumor_attention = attention[..., 0] if self.n_outputs == 1 else attention[..., 1:].mean(-1)
         return AggregatorOutput(
             logits=logits,
-            instance_scores=zero_padding(tumour_logit(instance_logits), mask),
-            attention=zero_padding(tumour_attention, mask),
+            instance_scores=zero_padding(tumor_logit(instance_logits), mask),
+            attention=zero_padding(tumor_attention, mask),
             extras={"max_instance_logits": max_logits},
         )
 

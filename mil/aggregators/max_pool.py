@@ -1,6 +1,6 @@
 """Max pooling: classify every patch, take each class's highest patch logit as the bag logit.
 
-The classic MIL assumption (a slide is tumour if any patch is); instance scores are the per-patch logits.
+The classic MIL assumption (a slide is tumor if any patch is); instance scores are the per-patch logits.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from mil.aggregators.base import Aggregator, AggregatorOutput, tumour_logit
+from mil.aggregators.base import Aggregator, AggregatorOutput, tumor_logit
 
 
 class PPEG(nn.Module):
@@ -80,4 +80,4 @@ class TransMIL(Aggregator):
         tokens, weights = self.layer2(tokens)
         tokens = self.norm(tokens)
         patch_logits = self.classifier(tokens[:, 1 : n + 1])  # (1, n, C)
-        return self.classifier(tokens[:, 0]), tumour_logit(patch_logits)[0], weights[0, 0, 1 : n + 1]
+        return self.classifier(tokens[:, 0]), tumor_logit(patch_logits)[0], weights[0, 0, 1 : n + 1]

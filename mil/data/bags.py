@@ -154,7 +154,7 @@ class BalancedSampler(Sampler[int]):
 
 
 class PairBatchSampler(Sampler[list[int]]):
-    """Batches of ``per_class`` tumour (label > 0) and ``per_class`` normal slides, as the ranking loss needs pairs.
+    """Batches of ``per_class`` tumor (label > 0) and ``per_class`` normal slides, as the ranking loss needs pairs.
 
     Each epoch shuffles both groups and cycles the smaller one, so every slide of the larger group is seen once.
     """
@@ -164,7 +164,7 @@ class PairBatchSampler(Sampler[list[int]]):
         self.positives = np.flatnonzero(labels > 0).tolist()
         self.negatives = np.flatnonzero(labels == 0).tolist()
         if not self.positives or not self.negatives:
-            raise ValueError("pair batches need tumour and normal slides in the training split")
+            raise ValueError("pair batches need tumor and normal slides in the training split")
         self.per_class = max(1, per_class)
         self.seed = seed
         self.epoch = 0

@@ -56,7 +56,7 @@ class MILDataModule(LightningDataModule):
             max_patches_train: Random cap of patches per training bag (None = all).
             batch_size: Bags per batch (padded, with a mask).
             balanced_sampling: Draw training slides with equal class probability.
-            pair_batches: Training batches of batch_size//2 (at least 1) tumour + as many normal slides, so the
+            pair_batches: Training batches of batch_size//2 (at least 1) tumor + as many normal slides, so the
                 ranking loss always has pairs.
             cache_gb: Keep bags in memory up to this many GB per worker (0 = always stream from disk).
             num_workers: DataLoader worker processes.

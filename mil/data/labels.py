@@ -2,7 +2,7 @@
 
 Splits come either from one ``split`` column (``train|val|test``) or from ``fold_0..fold_K`` columns holding the
 same words, one column per fold. Labels are integers or strings mapped by ``label_map``; the default binary map
-sends normal/negative to 0 and tumor/positive to 1 so that class 0 is always "no tumour". Every check here fails
+sends normal/negative to 0 and tumor/positive to 1 so that class 0 is always "no tumor". Every check here fails
 with one line naming the CSV, because a bad label file otherwise surfaces as a confusing error mid-training.
 """
 
@@ -17,7 +17,7 @@ import pandas as pd
 from features.errors import InputError
 from features.store import safe_slide_id
 
-DEFAULT_LABEL_MAP: dict[str, int] = {"normal": 0, "negative": 0, "tumor": 1, "tumour": 1, "positive": 1}
+DEFAULT_LABEL_MAP: dict[str, int] = {"normal": 0, "negative": 0, "tumor": 1, "tumor": 1, "positive": 1}
 SPLITS = ("train", "val", "test")
 
 

@@ -1,7 +1,7 @@
 """Bag-level losses and the training objective that combines them.
 
 ``BagLoss`` = ``bag_weight`` x bag loss (BCE with ``pos_weight`` for binary, cross-entropy otherwise)
-+ ``max_instance_weight`` x the same loss on the bag's most tumour-like patch
++ ``max_instance_weight`` x the same loss on the bag's most tumor-like patch
 + ``ranking_weight`` x the patch-wise ranking loss (``mil.losses.ranking``)
 + the aggregator's own auxiliary term (DSMIL, CLAM), added by the training module.
 
@@ -24,14 +24,14 @@ if TYPE_CHECKING:  # losses stay importable by the aggregators without a cycle
 
 
 def classification_loss(logits: Tensor, labels: Tensor, pos_weight: Tensor | None = None) -> Tensor:
-    """BCE on a single tumour logit (B, 1), cross-entropy on (B, C) logits."""
+    """BCE on a single tumor logit (B, 1), cross-entropy on (B, C) logits."""
     if logits.shape[-1] == 1:
         return F.binary_cross_entropy_with_logits(logits[:, 0], labels.float(), pos_weight=pos_weight)
     return F.cross_entropy(logits, labels)
 
 
 def max_instance_loss(instance_scores: Tensor, mask: Tensor, labels: Tensor, pos_weight: Tensor | None = None) -> Tensor:
-    """BCE of each bag's highest patch tumour logit against "is this slide tumour" (label > 0)."""
+    """BCE of each bag's highest patch tumor logit against "is this slide tumor" (label > 0)."""
     top = instance_scores.masked_fill(~mask, float("-inf")).max(dim=1).values
     return F.binary_cross_entropy_with_logits(top, (labels > 0).float(), pos_weight=pos_weight)
 
@@ -49,7 +49,7 @@ class BagLoss(nn.Module):
             max_instance_weight: Weight of the max-instance BCE (0.5 in HNM-WSI).
             ranking_weight: Weight of the patch-wise ranking loss (0.1 in HNM-WSI; 0 = off).
             ranking_k: Top-k patches averaged per slide in the ranking loss.
-            ranking_margin: Required gap between tumour and normal top-k means.
+            ranking_margin: Required gap between tumor and normal top-k means.
         """
         super().__init__()
         if isinstance(pos_weight, str) and pos_weight != "auto":

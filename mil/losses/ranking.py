@@ -1,20 +1,20 @@
 """The patch-wise ranking loss of HNM-WSI (Huang et al., MICCAI 2024, arXiv:2410.02212).
 
-For one tumour slide P and one normal slide N with raw per-patch tumour logits s_P and s_N::
+For one tumor slide P and one normal slide N with raw per-patch tumor logits s_P and s_N::
 
     rank(P, N) = max(0, margin - mean(top_k(s_P)) + mean(top_k(s_N)))
 
-with k = 10 and margin = 1 as in the authors' code: the k most tumour-like patches of a tumour slide must score
-at least ``margin`` above the k most tumour-like patches of a normal slide. Because the normal slide's top
+with k = 10 and margin = 1 as in the authors' code: the k most tumor-like patches of a tumor slide must score
+at least ``margin`` above the k most tumor-like patches of a normal slide. Because the normal slide's top
 patches are its hardest negatives, the loss pushes those down directly, which is the point of the method.
 
 How this generalises the paper's one-pair-per-step setting:
 
-- a batch holds any number of slides; the loss is the mean over every (tumour, normal) pair in it, and 0 (with a
+- a batch holds any number of slides; the loss is the mean over every (tumor, normal) pair in it, and 0 (with a
   gradient path, so mixed-precision scalers are happy) when the batch has no pair;
 - a bag with fewer than k valid patches uses k_eff = min(k, n_valid) of its own patches;
 - padded patches (mask False) are never among the top k;
-- "tumour" means label > 0, so multi-class tasks rank every non-normal class above normal.
+- "tumor" means label > 0, so multi-class tasks rank every non-normal class above normal.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def top_k_mean(scores: Tensor, mask: Tensor, k: int) -> Tensor:
 
 def patch_ranking_loss(instance_scores: Tensor, mask: Tensor, labels: Tensor, k: int = 10,
                        margin: float = 1.0) -> Tensor:
-    """Mean hinge over all (tumour, normal) bag pairs in the batch; 0 when there is no pair."""
+    """Mean hinge over all (tumor, normal) bag pairs in the batch; 0 when there is no pair."""
     positive, negative = labels > 0, labels == 0
     if not positive.any() or not negative.any():
         return instance_scores.sum() * 0.0

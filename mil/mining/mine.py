@@ -6,7 +6,7 @@ shaped the encoder would make every later validation number optimistic, so :func
 other split rather than silently dropping it.
 
 Hard negatives are the ``neg_ratio`` highest-scoring patches of normal slides: patches the slide model thinks
-look like tumour although the slide label proves they are not (look-alikes, artefacts). Because a fine-tuning
+look like tumor although the slide label proves they are not (look-alikes, artefacts). Because a fine-tuning
 epoch is one pass over this pool, ``neg_ratio`` also sets the cost of fine-tuning.
 """
 
@@ -35,7 +35,7 @@ class MiningConfig:
     """Every threshold and ratio of mining; the defaults follow ItS2CLR / HNM-WSI."""
 
     threshold: float = 0.3
-    """On sigmoid(logit): patch probability a tumour-slide patch needs to be a candidate."""
+    """On sigmoid(logit): patch probability a tumor-slide patch needs to be a candidate."""
     normal_quantile: float | None = None
     """Raise the threshold to this quantile of normal-slide patch probabilities (None: the fixed threshold only): a
     candidate must outscore almost every patch of a normal slide, look-alikes included. Off by default: it shrinks
@@ -170,7 +170,7 @@ def _eligible(twins: TwinResult | None, candidates: np.ndarray, n_rows: int) -> 
     """Eligibility mask after the twin test, and how many candidates it removed (None: test not run).
 
     Candidates that fail are never let back in: when none passes, no candidate is eligible (and
-    :func:`pseudo_positive_mask` falls back to each tumour slide's top patch, with a warning).
+    :func:`pseudo_positive_mask` falls back to each tumor slide's top patch, with a warning).
     """
     if twins is None:
         return None, None

@@ -1,8 +1,8 @@
 """Per-patch pseudo-labels from a slide model's patch scores, and the self-paced positive fraction.
 
-The slide model writes raw tumour logits per patch. Thresholds are stated on probabilities (ItS2CLR uses 0.3
+The slide model writes raw tumor logits per patch. Thresholds are stated on probabilities (ItS2CLR uses 0.3
 on the instance classifier's sigmoid output), so logits go through a sigmoid first: 0.3 on the probability
-scale is a logit of about -0.85. Only patches of tumour slides can be pseudo-positive: a normal slide's label
+scale is a logit of about -0.85. Only patches of tumor slides can be pseudo-positive: a normal slide's label
 already says every patch in it is normal.
 """
 
@@ -16,13 +16,13 @@ from scipy.special import expit
 
 
 def sigmoid(logits: np.ndarray) -> np.ndarray:
-    """Tumour probability from raw patch logits (scipy's overflow-free logistic)."""
+    """Tumor probability from raw patch logits (scipy's overflow-free logistic)."""
     return expit(np.asarray(logits, dtype=np.float64))
 
 
 @dataclass
 class PositiveSchedule:
-    """Self-paced fraction r(round) of above-threshold tumour-slide patches taken as positives.
+    """Self-paced fraction r(round) of above-threshold tumor-slide patches taken as positives.
 
     Early rounds trust only the most confident patches; r grows linearly from ``start`` to ``end`` over
     ``ramp_rounds`` rounds once ``warmup_rounds`` have passed (ItS2CLR grows 0.2 -> 0.8 after a warm-up).
@@ -44,24 +44,24 @@ class PositiveSchedule:
 
 def pseudo_positive_mask(slide_ids: np.ndarray, slide_labels: np.ndarray, probs: np.ndarray, threshold: float,
                          fraction: float, eligible: np.ndarray | None = None) -> np.ndarray:
-    """Mask of pseudo-positive patches: the top ``fraction`` (by probability) of tumour-slide patches >= threshold.
+    """Mask of pseudo-positive patches: the top ``fraction`` (by probability) of tumor-slide patches >= threshold.
 
     Ranking is over the whole training cohort, so a confident slide contributes more than a doubtful one.
     ``eligible`` (optional mask) excludes patches beforehand (e.g. those with a normal-slide twin). When no patch
-    passes, the top patch of each tumour slide is taken instead, with a warning, so the loop never stalls on an
+    passes, the top patch of each tumor slide is taken instead, with a warning, so the loop never stalls on an
     empty positive set.
     """
     slide_ids, probs = np.asarray(slide_ids), np.asarray(probs, dtype=np.float64)
-    tumour = np.asarray(slide_labels) == 1
+    tumor = np.asarray(slide_labels) == 1
     allowed = np.ones(len(probs), dtype=bool) if eligible is None else np.asarray(eligible, dtype=bool)
-    candidates = np.flatnonzero(tumour & (probs >= threshold) & allowed)
+    candidates = np.flatnonzero(tumor & (probs >= threshold) & allowed)
     mask = np.zeros(len(probs), dtype=bool)
     if len(candidates) == 0:
-        if tumour.any():
+        if tumor.any():
             why = "" if eligible is None else " and passes the twin test"
-            warnings.warn(f"no tumour-slide patch has probability >= {threshold}{why}; taking the top patch of "
-                          "each tumour slide as positive", stacklevel=2)
-            mask[top_per_slide(slide_ids, probs, tumour)] = True
+            warnings.warn(f"no tumor-slide patch has probability >= {threshold}{why}; taking the top patch of "
+                          "each tumor slide as positive", stacklevel=2)
+            mask[top_per_slide(slide_ids, probs, tumor)] = True
         return mask
     keep = max(1, int(round(fraction * len(candidates))))
     order = candidates[np.lexsort((candidates, -probs[candidates]))]  # ties broken by position: deterministic

@@ -1,9 +1,9 @@
 """How good a selection is, measured against annotations: is mining finding what it claims to find?
 
-Two questions. Are pseudo-positives really tumour (precision against tumour polygons)? Are hard negatives
-enriched for tumour look-alikes, compared with negatives drawn at random from the same normal slides? The
+Two questions. Are pseudo-positives really tumor (precision against tumor polygons)? Are hard negatives
+enriched for tumor look-alikes, compared with negatives drawn at random from the same normal slides? The
 random baseline is exact: drawing uniformly from the normal-slide pool hits each category with its share of
-the pool, so no sampling noise enters the enrichment factor. A hard negative on a tumour polygon inside a
+the pool, so no sampling noise enters the enrichment factor. A hard negative on a tumor polygon inside a
 normal slide would mean the labels or annotations disagree, so it is reported as an error count.
 """
 
@@ -38,13 +38,13 @@ def selection_quality(table: pd.DataFrame, selection: pd.DataFrame) -> dict[str,
     hard = selection[selection["kind"] == "hard_negative"]
     plain = selection[selection["kind"] == "negative"]
     pool = table[table["label"] == 0]
-    tumour_slides = table[table["label"] == 1]
+    tumor_slides = table[table["label"] == 1]
     hard_mix, pool_mix = composition(hard["truth"]), composition(pool["truth"])
     report: dict[str, Any] = {
         "counts": {"positive": len(positives), "hard_negative": len(hard), "negative": len(plain),
-                   "normal_pool": len(pool), "tumor_slide_patches": len(tumour_slides)},
+                   "normal_pool": len(pool), "tumor_slide_patches": len(tumor_slides)},
         "positive_precision": composition(positives["truth"])["tumor"],
-        "tumor_share_in_tumor_slides": composition(tumour_slides["truth"])["tumor"],
+        "tumor_share_in_tumor_slides": composition(tumor_slides["truth"])["tumor"],
         "hard_negative_composition": hard_mix,
         "random_negative_composition": pool_mix,
         "hard_negative_on_tumor_errors": int((hard["truth"] == "tumor").sum()),
@@ -110,8 +110,8 @@ def truth_categories(table: pd.DataFrame, annotations: str | Path, patch_size_le
                      min_overlap: float = 0.5) -> pd.Series:
     """Per-patch truth (tumor|lookalike|normal) from each slide's annotation file.
 
-    A normal slide without a file is all normal; a tumour slide without one is ``unknown`` (we cannot tell
-    which of its patches are tumour) and is left out of every share.
+    A normal slide without a file is all normal; a tumor slide without one is ``unknown`` (we cannot tell
+    which of its patches are tumor) and is left out of every share.
     """
     from features.annotations import find_annotation, patch_categories, read_polygons
 

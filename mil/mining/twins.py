@@ -1,23 +1,23 @@
 """Normal-slide twins: a pseudo-positive candidate that looks like a patch of a normal slide is not trusted.
 
-The slide model scores tumour look-alikes high when they are commoner on tumour slides than on normal ones (a
-slide-level shortcut). Its top-scoring tumour-slide patches, the pseudo-positives, are then partly look-alikes,
-and fine-tuning would pull look-alikes and tumour together. Slide labels hold the cure: tumour never occurs on a
-normal slide, so a tumour-slide patch with a close twin among normal-slide patches in feature space is probably
-not tumour, however the model scores it.
+The slide model scores tumor look-alikes high when they are commoner on tumor slides than on normal ones (a
+slide-level shortcut). Its top-scoring tumor-slide patches, the pseudo-positives, are then partly look-alikes,
+and fine-tuning would pull look-alikes and tumor together. Slide labels hold the cure: tumor never occurs on a
+normal slide, so a tumor-slide patch with a close twin among normal-slide patches in feature space is probably
+not tumor, however the model scores it.
 
 The test compares two distances in the round's (standardised) feature space, on equal-sized samples of
-tumour-slide and normal-slide training patches: ``d_normal``, to the nearest normal-slide patch, and
-``d_tumour``, to the ``k``-th nearest tumour-slide patch. A candidate is twin-free when
-``d_normal > ratio * d_tumour``. Tumour has dense company on tumour slides and none on normal slides, so it
-passes; a look-alike has its nearest twin on a normal slide about as close as its ``k``-th on a tumour slide
+tumor-slide and normal-slide training patches: ``d_normal``, to the nearest normal-slide patch, and
+``d_tumor``, to the ``k``-th nearest tumor-slide patch. A candidate is twin-free when
+``d_normal > ratio * d_tumor``. Tumor has dense company on tumor slides and none on normal slides, so it
+passes; a look-alike has its nearest twin on a normal slide about as close as its ``k``-th on a tumor slide
 whenever it is less than ``k`` times commoner there, so it fails.
 
-``k`` cannot exceed the number of tumour patches in the reference sample: with few tumour-slide patches (a small
-cohort, a small tumour share, fewer normal-slide patches to match the sample size) even tumour has no ``k``
-tumour-slide neighbours nearer than the nearest normal patch, and every candidate fails. Failed candidates are
+``k`` cannot exceed the number of tumor patches in the reference sample: with few tumor-slide patches (a small
+cohort, a small tumor share, fewer normal-slide patches to match the sample size) even tumor has no ``k``
+tumor-slide neighbours nearer than the nearest normal patch, and every candidate fails. Failed candidates are
 never let back in (keeping them all would hand fine-tuning the whole confident pool, look-alikes included):
-mining then falls back to each tumour slide's top patch and says so in one line. Halving ``k`` until some
+mining then falls back to each tumor slide's top patch and says so in one line. Halving ``k`` until some
 candidates pass was tried and was less precise than that fallback (docs/method.md).
 """
 
@@ -39,9 +39,9 @@ class TwinFilter:
     """Settings of the twin test (``k = 0`` turns it off)."""
 
     k: int = 20
-    """The tumour-slide neighbour rank compared with the nearest normal-slide patch."""
+    """The tumor-slide neighbour rank compared with the nearest normal-slide patch."""
     ratio: float = 1.0
-    """Twin-free when d_normal > ratio * d_tumour."""
+    """Twin-free when d_normal > ratio * d_tumor."""
     hard_negative_k: int = 0
     """A positive whose nearest hard negative is nearer than its ``k``-th nearest fellow positive is dropped (after
     the hard negatives are mined), unless that would leave fewer positives than training tumor slides; 0
@@ -83,7 +83,7 @@ class TwinResult:
     free: np.ndarray
     """Boolean mask over the candidates: True where no normal-slide twin is near."""
     k: int
-    """The tumour-slide neighbour rank used."""
+    """The tumor-slide neighbour rank used."""
     ran: bool = True
     """False when there were too few reference patches (or no candidates) to run it: every candidate is free."""
 
@@ -116,16 +116,16 @@ def twin_test(table: pd.DataFrame, candidates: np.ndarray, features: str | Path,
         mask[tested] = inner.free
         return TwinResult(mask, inner.k, inner.ran)
     labels = table["label"].to_numpy()
-    tumour_rows, normal_rows = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
-    n = min(len(tumour_rows), len(normal_rows), config.max_reference)
+    tumor_rows, normal_rows = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    n = min(len(tumor_rows), len(normal_rows), config.max_reference)
     if config.k <= 0 or len(candidates) == 0 or n <= config.k:
         return TwinResult(np.ones(len(candidates), dtype=bool), config.k, ran=False)
     rng = np.random.default_rng(seed)
-    tumour_ref = np.sort(rng.choice(tumour_rows, size=n, replace=False))
+    tumor_ref = np.sort(rng.choice(tumor_rows, size=n, replace=False))
     normal_ref = np.sort(rng.choice(normal_rows, size=n, replace=False))
-    rows = np.unique(np.concatenate([candidates, tumour_ref, normal_ref]))  # sorted: rows of ``table``
+    rows = np.unique(np.concatenate([candidates, tumor_ref, normal_ref]))  # sorted: rows of ``table``
     vectors = patch_features(features, table.reset_index(drop=True), rows)
-    reference = vectors[np.searchsorted(rows, np.concatenate([tumour_ref, normal_ref]))]
+    reference = vectors[np.searchsorted(rows, np.concatenate([tumor_ref, normal_ref]))]
     scaled = (vectors - reference.mean(axis=0)) / (reference.std(axis=0) + 1e-6)  # same scale for any candidates
 
     def at(which: np.ndarray) -> np.ndarray:
@@ -133,11 +133,11 @@ def twin_test(table: pd.DataFrame, candidates: np.ndarray, features: str | Path,
 
     query = at(candidates)
     d_normal = NearestNeighbors(n_neighbors=1).fit(at(normal_ref)).kneighbors(query)[0][:, 0]
-    tumour_index = NearestNeighbors(n_neighbors=config.k + 1).fit(at(tumour_ref))
-    distances, neighbours = tumour_index.kneighbors(query)
-    is_self = tumour_ref[neighbours] == candidates[:, None]  # a candidate in the reference is not its own company
-    d_tumour = np.array([d[~s][config.k - 1] for d, s in zip(distances, is_self)])
-    return TwinResult(d_normal > config.ratio * d_tumour, config.k)
+    tumor_index = NearestNeighbors(n_neighbors=config.k + 1).fit(at(tumor_ref))
+    distances, neighbours = tumor_index.kneighbors(query)
+    is_self = tumor_ref[neighbours] == candidates[:, None]  # a candidate in the reference is not its own company
+    d_tumor = np.array([d[~s][config.k - 1] for d, s in zip(distances, is_self)])
+    return TwinResult(d_normal > config.ratio * d_tumor, config.k)
 
 
 def near_hard_negatives(table: pd.DataFrame, positives: np.ndarray, hard: np.ndarray, features: str | Path,
@@ -145,10 +145,10 @@ def near_hard_negatives(table: pd.DataFrame, positives: np.ndarray, hard: np.nda
     """Boolean mask over ``positives`` (rows of ``table``): True where a hard negative is nearer than the ``k``-th
     nearest other positive, in the round's standardised features.
 
-    Hard negatives are the normal-slide patches the model scores most tumour-like, so they sit where look-alikes
+    Hard negatives are the normal-slide patches the model scores most tumor-like, so they sit where look-alikes
     are. A positive among them is most likely a look-alike too, and fine-tuning would be asked to pull it toward
-    the positives while pushing its neighbours away: the contradiction that drags look-alikes and tumour together.
-    Tumour has its fellow positives nearer (it clusters and never occurs on a normal slide). ``k`` is capped at
+    the positives while pushing its neighbours away: the contradiction that drags look-alikes and tumor together.
+    Tumor has its fellow positives nearer (it clusters and never occurs on a normal slide). ``k`` is capped at
     the number of other positives; with fewer than two positives, or no hard negatives, nothing is flagged.
     """
     k = min(k, len(positives) - 1)

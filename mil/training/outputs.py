@@ -2,8 +2,8 @@
 
 - ``versions.json``: library versions and the device, so a number can be traced to the software behind it.
 - ``predictions_<split>.csv`` and ``predictions.csv`` (the last split evaluated): ``slide_id,label,score,split``
-  plus ``prob_<c>`` per class for multi-class models. ``score`` is the tumour probability (1 - P(class 0)).
-- ``patch_scores/<slide_id>.h5`` (test and predict): ``coords`` (N, 2), ``scores`` (N,) the model's tumour logit
+  plus ``prob_<c>`` per class for multi-class models. ``score`` is the tumor probability (1 - P(class 0)).
+- ``patch_scores/<slide_id>.h5`` (test and predict): ``coords`` (N, 2), ``scores`` (N,) the model's tumor logit
   per patch in the features file's row order, and ``attention`` (N,) where the model has one.
 
 Nothing is written during the validation passes inside ``fit``: those files come from the best checkpoint,

@@ -120,7 +120,7 @@ def test_saved_weights_load_in_the_extraction_encoder(tmp_path):
 def cohort(tmp_path_factory) -> dict[str, Path]:
     """Two tiny slides, their coords at 64 px, and a selection of positives and (hard) negatives."""
     root = tmp_path_factory.mktemp("cohort")
-    for index, name in enumerate(("tumour", "normal")):
+    for index, name in enumerate(("tumor", "normal")):
         write_tiny_slide(root / "slides" / f"{name}.tiff", seed=index)
     rows = []
     for ref in list_slides(root / "slides"):
@@ -128,7 +128,7 @@ def cohort(tmp_path_factory) -> dict[str, Path]:
         coords, geometry, _ = tile_slide(slide, ref, None, TilingConfig(patch_size=64))
         write_coords(coords_path(root / "store", ref.slide_id), coords, geometry.to_attrs())
         for i, (x, y) in enumerate(coords[:6]):
-            kind = "positive" if ref.slide_id == "tumour" else ("hard_negative" if i < 3 else "negative")
+            kind = "positive" if ref.slide_id == "tumor" else ("hard_negative" if i < 3 else "negative")
             rows.append({"slide_id": ref.slide_id, "x": x, "y": y, "pseudo_label": int(kind == "positive"),
                          "score": 0.0, "kind": kind})
     write_selection(root / "selection.csv", pd.DataFrame(rows))

@@ -60,7 +60,7 @@ def best_of(run: Path) -> Path:
 
 
 def scores(checkpoint: Path, features: Path, slide_ids: list[str]) -> np.ndarray:
-    """Tumour probabilities of whole bags under ``checkpoint``, computed without the CLI."""
+    """Tumor probabilities of whole bags under ``checkpoint``, computed without the CLI."""
     model = MILModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True).eval()
     out = []
     with torch.no_grad():

@@ -71,7 +71,7 @@ def test_datamodule_exposes_shapes_and_pos_weight(cohort):
 def test_pos_weight_counts_the_training_split(cohort, tmp_path):
     folder, labels = cohort
     frame = pd.read_csv(labels)
-    frame.loc[frame["slide_id"] == "slide_001", "label"] = "normal"  # train: 4 normal, 2 tumour
+    frame.loc[frame["slide_id"] == "slide_001", "label"] = "normal"  # train: 4 normal, 2 tumor
     frame.to_csv(tmp_path / "labels.csv", index=False)
     assert MILDataModule(str(folder), str(tmp_path / "labels.csv")).pos_weight == pytest.approx(2.0)
 

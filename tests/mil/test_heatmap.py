@@ -62,7 +62,7 @@ def test_heatmap_png_is_hot_on_tumor(cohort, capsys):
     for axis in figure.axes[1:3]:  # per-slide rank and absolute score panels
         image = axis.images[0].get_array().astype(float)
         heat = image[..., 0] - image[..., 2]  # turbo: red when high, blue when low
-        tumor = heat[96 + 4:192 - 4, 128 + 4:224 - 4].mean()  # the tumour box at thumbnail scale (1/2)
+        tumor = heat[96 + 4:192 - 4, 128 + 4:224 - 4].mean()  # the tumor box at thumbnail scale (1/2)
         other = heat[200:288, 240:384].mean()
         assert tumor > other + 60, (axis.get_title(), tumor, other)
 

@@ -23,12 +23,12 @@ def test_ranking_one_pair_by_hand():
 
 def test_ranking_all_pairs_mean_and_small_bags_and_padding():
     scores = torch.tensor([
-        [4.0, 0.0, 99.0],   # tumour, 2 valid patches (99 is padding)
-        [1.0, 0.0, 0.0],    # tumour, 1 valid patch
+        [4.0, 0.0, 99.0],   # tumor, 2 valid patches (99 is padding)
+        [1.0, 0.0, 0.0],    # tumor, 1 valid patch
         [2.0, 1.0, 3.0],    # normal, 3 valid
     ])
     mask = torch.tensor([[True, True, False], [True, False, False], [True, True, True]])
-    labels = torch.tensor([1, 2, 0])  # class 2 counts as tumour too
+    labels = torch.tensor([1, 2, 0])  # class 2 counts as tumor too
     k = 10  # larger than every bag: k_eff = n_valid
     means = top_k_mean(scores, mask, k)
     torch.testing.assert_close(means, torch.tensor([2.0, 1.0, 2.0]))
@@ -56,7 +56,7 @@ def _bce(z: float, y: int, w: float) -> float:
 
 
 def test_bag_loss_combines_weighted_terms_with_a_positive_hinge():
-    # The normal slide's top patch (2.0) outscores the tumour slide's (1.0): the ranking hinge is 1 - 1 + 2 = 2,
+    # The normal slide's top patch (2.0) outscores the tumor slide's (1.0): the ranking hinge is 1 - 1 + 2 = 2,
     # so leaving the ranking term out of the total changes it by 0.1 x 2.
     logits = torch.tensor([[2.0], [-1.0]])
     scores = torch.tensor([[1.0, -3.0], [2.0, -2.0]])
@@ -75,7 +75,7 @@ def test_bag_loss_combines_weighted_terms_with_a_positive_hinge():
 
 
 def test_total_loss_gradient_carries_the_ranking_term():
-    # Through the total loss, the ranking weight must push the normal slide's top patch down and the tumour
+    # Through the total loss, the ranking weight must push the normal slide's top patch down and the tumor
     # slide's top patch up, by exactly ranking_weight / number of pairs; bottom patches get nothing from it.
     scores = torch.tensor([[1.0, -3.0], [2.0, -2.0]], requires_grad=True)
     logits = torch.zeros(2, 1)
@@ -87,7 +87,7 @@ def test_total_loss_gradient_carries_the_ranking_term():
 
 
 def test_ranking_term_is_averaged_over_every_pair_in_the_total():
-    # two tumour and two normal slides, k = 1: hinges 1-1+2=2, 1-1+0=0, 1-3+2=0, 1-3+0=0 -> mean 0.5
+    # two tumor and two normal slides, k = 1: hinges 1-1+2=2, 1-1+0=0, 1-3+2=0, 1-3+0=0 -> mean 0.5
     scores = torch.tensor([[1.0], [3.0], [2.0], [0.0]])
     labels = torch.tensor([1, 1, 0, 0])
     terms = BagLoss(pos_weight=None, bag_weight=0.0, ranking_weight=2.0, ranking_k=1, ranking_margin=1.0)(

@@ -51,20 +51,20 @@ def test_schedule_grows_after_warmup():
     assert [round(schedule.fraction(r), 3) for r in range(6)] == [0.2, 0.2, 0.4, 0.6, 0.8, 0.8]
 
 
-def test_positive_fraction_of_above_threshold_tumour_patches():
+def test_positive_fraction_of_above_threshold_tumor_patches():
     slides = np.array(["t"] * 10 + ["n"] * 4)
     labels = np.array([1] * 10 + [0] * 4)
     probs = np.array([0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5, 0.31, 0.2, 0.1, 0.99, 0.98, 0.5, 0.1])
     mask = pseudo_positive_mask(slides, labels, probs, threshold=0.3, fraction=0.5)
-    # 8 tumour-slide patches pass 0.3; half of them (the top 4) are positives; normal slides never are.
+    # 8 tumor-slide patches pass 0.3; half of them (the top 4) are positives; normal slides never are.
     assert np.flatnonzero(mask).tolist() == [0, 1, 2, 3]
 
 
-def test_no_patch_passes_threshold_falls_back_to_top_patch_per_tumour_slide():
+def test_no_patch_passes_threshold_falls_back_to_top_patch_per_tumor_slide():
     slides = np.array(["a", "a", "b", "b", "n"])
     labels = np.array([1, 1, 1, 1, 0])
     probs = np.array([0.1, 0.2, 0.05, 0.01, 0.9])
-    with pytest.warns(UserWarning, match="no tumour-slide patch"):
+    with pytest.warns(UserWarning, match="no tumor-slide patch"):
         mask = pseudo_positive_mask(slides, labels, probs, threshold=0.3, fraction=0.2)
     assert np.flatnonzero(mask).tolist() == [1, 2]
 
@@ -165,7 +165,7 @@ def test_mine_command_rejects_missing_scores(tmp_path):
 
 
 def twin_cohort(folder: Path) -> pd.DataFrame:
-    """Tumour (only on tumour slides) and look-alikes (on both, fewer on normal slides) that the model scores alike.
+    """Tumor (only on tumor slides) and look-alikes (on both, fewer on normal slides) that the model scores alike.
 
     Writes one features file per slide under ``folder``; returns the training patch table with a ``truth`` column.
     """
@@ -175,16 +175,16 @@ def twin_cohort(folder: Path) -> pd.DataFrame:
     centres = {"normal": np.zeros(8), "lookalike": np.r_[10.0, np.zeros(7)], "tumor": np.r_[0.0, 10.0, np.zeros(6)]}
     frames = []
     for index in range(12):
-        tumour_slide = index < 6
-        truth = ["tumor"] * (8 if tumour_slide else 0) + ["lookalike"] * (10 if tumour_slide else 3)
+        tumor_slide = index < 6
+        truth = ["tumor"] * (8 if tumor_slide else 0) + ["lookalike"] * (10 if tumor_slide else 3)
         truth += ["normal"] * (60 - len(truth))
-        probs = [0.9 if t != "normal" and tumour_slide else 0.8 if t == "lookalike" else 0.1 for t in truth]
+        probs = [0.9 if t != "normal" and tumor_slide else 0.8 if t == "lookalike" else 0.1 for t in truth]
         coords = np.stack([np.arange(60) * 64, np.zeros(60)], axis=1).astype(np.int64)
         vectors = np.stack([centres[t] + rng.normal(size=8) for t in truth]).astype(np.float32)
         slide_id = f"s{index:02d}"
         write_features(folder / f"{slide_id}.h5", coords, {"patch_size_level0": 64}, vectors, {})
         frames.append(pd.DataFrame({"slide_id": slide_id, "x": coords[:, 0], "y": 0, "score": logit(probs),
-                                    "label": int(tumour_slide), "split": "train", "truth": truth}))
+                                    "label": int(tumor_slide), "split": "train", "truth": truth}))
     return pd.concat(frames, ignore_index=True).sample(frac=1.0, random_state=0)  # order must not matter
 
 
@@ -204,10 +204,10 @@ def test_twin_test_drops_positive_candidates_that_have_a_normal_slide_twin(tmp_p
 
 
 def test_candidates_that_all_fail_the_twin_test_are_not_let_back_in(tmp_path):
-    """A reference sample too small for k (few tumour patches in it) fails every candidate, tumour included.
+    """A reference sample too small for k (few tumor patches in it) fails every candidate, tumor included.
 
-    Keeping them all then would make every confident tumour-slide patch a positive (look-alikes included); the
-    selection must instead fall back to a handful (one per tumour slide) and say why, label-free.
+    Keeping them all then would make every confident tumor-slide patch a positive (look-alikes included); the
+    selection must instead fall back to a handful (one per tumor slide) and say why, label-free.
     """
     patches = twin_cohort(tmp_path / "features")
     config = MiningConfig(positives=PositiveSchedule(start=1.0, end=1.0), twins=TwinFilter(k=20, max_reference=60))
@@ -218,13 +218,13 @@ def test_candidates_that_all_fail_the_twin_test_are_not_let_back_in(tmp_path):
     report = selection.attrs["twin_test"]
     assert report["passed"] == 0 and report["candidates"] == 108 == selection.attrs["positive_twins_removed"]
     assert "every one of the 108 positive candidates has a normal-slide twin" in report["warning"]
-    # The same cohort with the full reference passes tumour, and says nothing.
+    # The same cohort with the full reference passes tumor, and says nothing.
     full = select_patches(patches, replace(config, twins=TwinFilter(k=20)), features=tmp_path / "features")
     assert full.attrs["twin_test"]["warning"] is None and full.attrs["twin_test"]["passed"] == 40
 
 
 def test_positives_with_a_hard_negative_among_their_fellows_are_dropped(tmp_path):
-    """Look-alike positives sit where the mined hard negatives (normal-slide look-alikes) are; tumour does not."""
+    """Look-alike positives sit where the mined hard negatives (normal-slide look-alikes) are; tumor does not."""
     patches = twin_cohort(tmp_path / "features")
     config = MiningConfig(positives=PositiveSchedule(start=1.0, end=1.0), neg_ratio=0.05,
                           twins=TwinFilter(k=0, hard_negative_k=0))

@@ -18,7 +18,7 @@ from mil.training import cli
 CONFIGS = Path(__file__).parents[2] / "configs"
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
          "--trainer.num_sanity_val_steps=0", "--trainer.log_every_n_steps=1", "--data.num_workers=0"]
-TUMOUR_PATCHES = 9  # synthetic_bags plants the signal in the first int(0.3 * 30) rows of tumour slides
+TUMOR_PATCHES = 9  # synthetic_bags plants the signal in the first int(0.3 * 30) rows of tumor slides
 
 
 @pytest.fixture(scope="module")
@@ -72,15 +72,15 @@ def test_test_and_predict_write_patch_scores_aligned_with_coords(run, cohort):
     cli.test(["--config", str(run / "config.yaml"), *QUIET])
     assert (run / "config_test.yaml").is_file()
     table = pd.read_csv(labels)
-    tumour_gap = []
+    tumor_gap = []
     for slide_id, label in table.loc[table["split"] == "test", ["slide_id", "label"]].itertuples(index=False):
         with h5py.File(run / "patch_scores" / f"{slide_id}.h5") as h5, h5py.File(folder / f"{slide_id}.h5") as src:
             np.testing.assert_array_equal(h5["coords"][:], src["coords"][:])
             scores = h5["scores"][:]
             assert scores.shape == (30,) and h5["attention"].shape == (30,)
         if label == "tumor":
-            tumour_gap.append(scores[:TUMOUR_PATCHES].mean() - scores[TUMOUR_PATCHES:].mean())
-    assert min(tumour_gap) > 0  # the planted patches are the most tumour-like
+            tumor_gap.append(scores[:TUMOR_PATCHES].mean() - scores[TUMOR_PATCHES:].mean())
+    assert min(tumor_gap) > 0  # the planted patches are the most tumor-like
 
     cli.predict(["--config", str(run / "config.yaml"), "--data.predict_split", "train", *QUIET])
     train = pd.read_csv(run / "predictions_train.csv")
