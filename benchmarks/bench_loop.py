@@ -12,6 +12,7 @@ of both presets for ``make bench``.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -58,6 +59,9 @@ def run(out_dir: Path, seeds: tuple[int, ...] = SEEDS, presets: tuple[str, ...] 
 
 
 if __name__ == "__main__":
+    from features.quiet import quiet_terminal
+
+    sys.argv[1:] = quiet_terminal(sys.argv[1:])  # the commands' quiet terminal (--verbose shows library chatter)
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("out", nargs="?", type=Path, default=Path("runs/bench/loop"))
     parser.add_argument("--preset", choices=sorted(N_SLIDES), action="append",

@@ -17,6 +17,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from features.quiet import quiet_terminal
+
 BENCHMARKS = {
     "extract": "Feature extraction throughput (full pipeline vs reading alone vs encoder alone)",
     "mil": "MIL training throughput and peak memory when streaming bags",
@@ -42,6 +44,7 @@ def load(name: str):
 
 
 def main() -> int:
+    sys.argv[1:] = quiet_terminal(sys.argv[1:])  # the commands' quiet terminal (--verbose shows library chatter)
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("bench_out"))
     parser.add_argument("--only", nargs="*", choices=list(BENCHMARKS), default=list(BENCHMARKS))
