@@ -203,6 +203,24 @@ def write_summary(out: Path, rows: list[dict[str, Any]]) -> pd.DataFrame:
     return table
 
 
+def validation_tie(table: pd.DataFrame) -> str | None:
+    """A one-line warning when the chosen round's validation AUC is shared by another round (None otherwise).
+
+    With a handful of validation slides AUC often reads 1.00 in every round; ``chosen_on_val`` then keeps the
+    earliest, which says nothing about whether the refresh helped, and the reader should know.
+    """
+    val = pd.to_numeric(table["val_slide_auc"], errors="coerce")
+    if not table["chosen_on_val"].any() or val.notna().sum() < 2:
+        return None
+    best = val[table["chosen_on_val"]].iloc[0]
+    tied = table.loc[val == best, "round"].tolist()
+    if len(tied) < 2:
+        return None
+    return (f"validation AUC {best:.3f} in rounds {', '.join(map(str, tied))}: validation cannot tell these rounds "
+            f"apart, so chosen_on_val keeps round {tied[0]}; judge the refresh on more validation slides or folds "
+            "(--cohort.fold)")
+
+
 def main(argv: list[str] | None = None) -> None:
     run(parse(HNMArgs, argv, "mil hnm", __doc__ or ""))
 
@@ -216,5 +234,8 @@ def run(args: HNMArgs) -> pd.DataFrame:
     table = write_summary(out, rows)
     with pd.option_context("display.width", 200, "display.max_columns", 40):
         print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    tie = validation_tie(table)
+    if tie:
+        print(f"warning: {tie}")
     print(f"\nwrote {out / SUMMARY_NAME}")
     return table

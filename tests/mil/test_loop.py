@@ -204,6 +204,13 @@ def test_round_is_chosen_on_validation_auc_never_on_test(tmp_path):
     table = loop.write_summary(tmp_path, rows)
     assert table["chosen_on_val"].tolist() == [False, True, False]
     assert pd.read_csv(tmp_path / loop.SUMMARY_NAME)["chosen_on_val"].tolist() == [False, True, False]
+    assert loop.validation_tie(table) is None
+
+
+def test_rounds_tied_on_validation_auc_are_reported_in_one_line(tmp_path):
+    rows = [{"round": 0, "val_slide_auc": 1.0}, {"round": 1, "val_slide_auc": 0.9}, {"round": 2, "val_slide_auc": 1.0}]
+    warning = loop.validation_tie(loop.write_summary(tmp_path, rows))
+    assert warning is not None and "rounds 0, 2" in warning and "keeps round 0" in warning and "\n" not in warning
 
 
 def test_stage_marker_made_with_other_settings_is_refused(tmp_path):
