@@ -139,7 +139,11 @@ class ClassAndMeanTokens(nn.Module):
         self.trunk = trunk
         self.num_features = 2 * int(trunk.num_features)
         self.pretrained_cfg = getattr(trunk, "pretrained_cfg", {})
-        self.patch_embed = getattr(trunk, "patch_embed", None)
+
+    @property
+    def patch_embed(self) -> nn.Module | None:
+        """The trunk's, for the input size (a property: registering it again would save its weights twice)."""
+        return getattr(self.trunk, "patch_embed", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.trunk.forward_features(x)

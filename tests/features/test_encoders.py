@@ -121,3 +121,13 @@ def test_offline_hub_and_missing_files_fail_clearly(tmp_path, monkeypatch):
         build_encoder(EncoderConfig(name=TINY, weights=str(tmp_path / "nope.safetensors")))
     with pytest.raises(InputError, match="not a timm model"):
         build_encoder(EncoderConfig(name="no_such_model_xyz"))
+
+
+@pytest.mark.parametrize("pooling", ["cls_mean", "attn_pool"])
+def test_pooled_vit_holds_each_trunk_weight_once_and_still_reads_the_input_size(pooling):
+    encoder = build_encoder(EncoderConfig(name="vit_tiny_patch16_224", pooling=pooling, model_kwargs={"img_size": 64}),
+                            patch_size=64)
+    keys = list(encoder.model.state_dict())
+    assert any(key.startswith("trunk.patch_embed.") for key in keys)
+    assert not any(key.startswith("patch_embed.") for key in keys)  # a second registration would save it twice
+    assert encoder.transform_spec["input_size"] == [3, 64, 64]
