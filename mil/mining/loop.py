@@ -42,7 +42,7 @@ import pandas as pd
 from features.errors import InputError
 from features.options import parse
 from features.store import atomic_path
-from mil.mining.provenance import FIX, SUMMARY_NAME, first_difference, fingerprint, prepare_folder
+from mil.mining.provenance import FIX, SUMMARY_NAME, code_fingerprint, first_difference, fingerprint, prepare_folder
 from mil.mining.settings import HNMArgs, RoundPaths, RoundPlan, plan, round_paths
 
 __all__ = ["HNMArgs", "SUMMARY_NAME", "main", "run", "write_summary"]
@@ -53,7 +53,9 @@ class Stages:
 
     A stage's marker records the settings it ran with and content hashes of the files it read (upstream markers
     included), with paths spelled relative to the loop (``<out>/...``, ``<cohort.labels>``). A marker that does
-    not match what the stage would run now is refused: its output was made another way.
+    not match what the stage would run now is refused: its output was made another way. It also records the
+    code (``code_fingerprint``); a stage made by other code is reused, since settings and inputs decide what it
+    computes, but the skip line says so, so a loop folder that mixes code versions is never silent.
     """
 
     def __init__(self, round_dir: Path, spell: Callable[[Any], Any]):
@@ -77,7 +79,10 @@ class Stages:
                 raise InputError(f"{marker}: stage {name} ran with other settings or inputs ({key} was {old!r}, now "
                                  f"{new!r}); {FIX}")
             self.seconds[name] = float(stored.get("seconds", math.nan))
-            print(f"[{self.round_dir.name}] {name}: done before, skipping")
+            code, now = stored.get("code"), code_fingerprint()
+            other = "" if code == now else f" by other hnm-mil code ({code or 'unrecorded'}, now {now})"
+            print(f"[{self.round_dir.name}] {name}: done before{other}, skipping"
+                  + (" (--overwrite true redoes the loop)" if other else ""))
             return
         if partial is not None and partial.exists():
             shutil.rmtree(partial)  # a killed stage's half-written run directory: start it clean
@@ -87,7 +92,7 @@ class Stages:
         seconds = time.perf_counter() - started
         self.seconds[name] = seconds
         with atomic_path(marker) as tmp:
-            tmp.write_text(json.dumps({"stage": name, **record, "seconds": round(seconds, 3),
+            tmp.write_text(json.dumps({"stage": name, **record, "code": code_fingerprint(), "seconds": round(seconds, 3),
                                        "finished": datetime.now(timezone.utc).isoformat()}, indent=1) + "\n")
 
 

@@ -10,6 +10,7 @@ own stage (see ``Stages`` in :mod:`mil.mining.loop`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -42,6 +43,24 @@ def sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """First 12 hex digits of a sha256 over the ``features`` and ``mil`` sources: the code a stage ran with.
+
+    The package version alone does not change while the code is edited or installed from a checkout.
+    """
+    import features
+    import mil
+
+    digest = hashlib.sha256()
+    for package in (features, mil):
+        root = Path(package.__file__).parent
+        for file in sorted(root.rglob("*.py")):
+            digest.update(f"{package.__name__}/{file.relative_to(root).as_posix()}".encode())
+            digest.update(file.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def fingerprint(path: str | None, contents: bool = True) -> str | None:

@@ -250,3 +250,17 @@ def test_overwrite_discards_earlier_rounds_and_keeps_other_files(cohort, tmp_pat
 def test_options_flatten_nested_settings():
     assert settings.options({"trainer": {"max_epochs": 2, "logger": False}, "model_kwargs": {"a": 1}, "x": None}) == [
         "--trainer.max_epochs", "2", "--trainer.logger", "false", "--model_kwargs", '{"a": 1}', "--x", "null"]
+
+
+def test_stage_made_by_other_code_is_reused_and_said_so(tmp_path, monkeypatch, capsys):
+    spell = loop.spelling(settings.HNMArgs(cohort=settings.Cohort(slides="s", labels="l"), out=str(tmp_path)))
+    ran = []
+    loop.Stages(tmp_path, spell).run("fit", lambda: ran.append(1), {"a": 1})
+    recorded = json.loads((tmp_path / ".fit.done").read_text())["code"]
+    assert recorded == provenance.code_fingerprint() and len(recorded) == 12
+    loop.Stages(tmp_path, spell).run("fit", lambda: ran.append(2), {"a": 1})
+    assert "other hnm-mil code" not in capsys.readouterr().out
+    monkeypatch.setattr(loop, "code_fingerprint", lambda: "0123456789ab")
+    loop.Stages(tmp_path, spell).run("fit", lambda: ran.append(3), {"a": 1})
+    line = capsys.readouterr().out.strip()
+    assert ran == [1] and f"by other hnm-mil code ({recorded}, now 0123456789ab)" in line and "\n" not in line
