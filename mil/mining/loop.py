@@ -170,7 +170,10 @@ def summary_row(index: int, here: RoundPaths, seconds: dict[str, float]) -> dict
     counts = selection["kind"].value_counts()
     row: dict[str, Any] = {
         "round": index,
-        "val_slide_auc": _json(here.mil / "fit_summary.json").get("best_val_auc"),
+        # The written validation predictions' AUC (the same slide score as the test column); the fit's own record
+        # of its selection metric where metrics.json has no validation section.
+        "val_slide_auc": slide.get("validation", {}).get("metrics", {}).get(
+            "auc", _json(here.mil / "fit_summary.json").get("best_val_auc")),
         "test_slide_auc": _get(test_auc, "value", "estimate", "point"),
         "test_slide_auc_low": _get(test_auc, "low", "lower", "ci_low"),
         "test_slide_auc_high": _get(test_auc, "high", "upper", "ci_high"),

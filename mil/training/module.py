@@ -14,7 +14,7 @@ from lightning.pytorch import LightningModule
 from torch import Tensor
 from torchmetrics.classification import BinaryAUROC, MulticlassAUROC
 
-from mil.aggregators.base import Aggregator, AggregatorOutput
+from mil.aggregators.base import Aggregator, AggregatorOutput, masked_max
 from mil.data.bags import feature_statistics
 from mil.losses.bag import BagLoss
 
@@ -30,7 +30,8 @@ def _built_from_config() -> bool:
 
 class MILModule(LightningModule):
     def __init__(self, aggregator: Aggregator, loss: BagLoss | None = None, lr: float = 2e-4,
-                 weight_decay: float = 1e-4, scheduler: Literal["cosine", "none"] = "cosine", standardize: bool = True):
+                 weight_decay: float = 1e-4, scheduler: Literal["cosine", "none"] = "cosine", standardize: bool = True,
+                 slide_score: Literal["bag", "bag_and_top_patch"] = "bag"):
         """
         Args:
             aggregator: The slide model (``class_path`` of any ``mil.aggregators`` class).
@@ -39,8 +40,16 @@ class MILModule(LightningModule):
             weight_decay: AdamW weight decay.
             scheduler: Cosine decay over ``trainer.max_epochs``, or a constant rate.
             standardize: Z-score each feature dimension with training-split statistics (kept in the checkpoint).
+            slide_score: What the slide probabilities written to predictions are: the bag head's, or the mean of
+                the bag logit and the slide's top patch logit (the two things the bag and max-instance loss terms
+                train against the slide label). Binary tasks only. ``val_auc``, which checkpointing and early
+                stopping watch, stays the bag head's either way, so the epoch kept (and what mining reads) is
+                the same.
         """
         super().__init__()
+        if slide_score != "bag" and aggregator.num_classes != 2:
+            raise ValueError(f"slide_score={slide_score!r} needs a binary task (one tumor logit); this aggregator has "
+                             f"{aggregator.num_classes} classes: use slide_score='bag'")
         # Built by the CLI, the hyper-parameters are the config (class_path/init_args), so the checkpoint alone
         # rebuilds the model (``MILModule.load_from_checkpoint(path)``) and the loggers record it; built in Python,
         # the modules themselves are left out (the state dict already holds them, and pickles are never saved).
@@ -52,6 +61,7 @@ class MILModule(LightningModule):
             lambda: MulticlassAUROC(num_classes=aggregator.num_classes))
         self.auc = torch.nn.ModuleDict({f"{stage}_auc": make_auc() for stage in ("train", "val", "test")})
         self.standardize = standardize
+        self.slide_score = slide_score
         # Buffers, so the statistics fitted on the training split travel with every checkpoint.
         self.register_buffer("feature_mean", torch.zeros(aggregator.in_dim))
         self.register_buffer("feature_std", torch.ones(aggregator.in_dim))
@@ -72,11 +82,11 @@ class MILModule(LightningModule):
         return self.aggregator(features, mask)
 
     def probabilities(self, logits: Tensor) -> Tensor:
-        """(B, C) class probabilities; binary models get [1 - p, p] from their single tumour logit."""
+        """(B, C) class probabilities; binary models get [1 - p, p] from their single tumor logit."""
         logits = logits.float()
         if logits.shape[1] == 1:
-            tumour = torch.sigmoid(logits[:, 0])
-            return torch.stack([1 - tumour, tumour], dim=1)
+            tumor = torch.sigmoid(logits[:, 0])
+            return torch.stack([1 - tumor, tumor], dim=1)
         return torch.softmax(logits, dim=1)
 
     def _step(self, batch: dict, stage: str) -> dict:
@@ -93,14 +103,22 @@ class MILModule(LightningModule):
         size = len(labels)
         self.log_dict({f"{stage}_{name}": value.detach() for name, value in terms.items()}, batch_size=size,
                       on_step=False, on_epoch=True)
-        probs = results["probs"].to(self.device)
+        probs = self.probabilities(self.aggregator.slide_logits(output).detach())  # the bag head: what selection watches
         self.auc[f"{stage}_auc"].update(probs[:, 1] if probs.shape[1] == 2 else probs, labels)
         self.log(f"{stage}_auc", self.auc[f"{stage}_auc"], on_step=False, on_epoch=True, batch_size=size, prog_bar=stage == "val")
         return {"loss": terms["loss"], **results}
 
+    def slide_logits(self, output: AggregatorOutput, mask: Tensor) -> Tensor:
+        """(B, C) logits that the written slide probabilities come from (``slide_score``)."""
+        logits = self.aggregator.slide_logits(output)
+        if self.slide_score == "bag":
+            return logits
+        top_patch = masked_max(output.instance_scores, mask)[0]
+        return (logits + top_patch.unsqueeze(1)) / 2
+
     def _results(self, batch: dict, output: AggregatorOutput) -> dict:
         """Per-slide probabilities and per-patch scores, detached on the CPU, for writing to the run directory."""
-        probs = self.probabilities(self.aggregator.slide_logits(output).detach()).cpu()
+        probs = self.probabilities(self.slide_logits(output, batch["mask"]).detach()).cpu()
         return {
             "slide_id": batch["slide_id"],
             "label": batch["label"].cpu(),

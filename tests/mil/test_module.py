@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 from fixtures import synthetic_bags, write_bag
 from lightning.pytorch import Trainer
 
 from mil.aggregators import MeanPool
+from mil.aggregators.base import AggregatorOutput
 from mil.data.bags import read_bag
 from mil.data.datamodule import MILDataModule
 from mil.training.module import MILModule
@@ -37,3 +39,48 @@ def test_standardisation_statistics_come_from_the_training_split_only(tmp_path):
     # and the saved state carries them, so test/predict standardise with the same numbers
     state = module.state_dict()
     assert torch.equal(state["feature_mean"], module.feature_mean)
+
+
+def test_slide_score_can_average_the_bag_logit_with_the_top_valid_patch_logit():
+    module = MILModule(MeanPool(in_dim=2, num_classes=2), slide_score="bag_and_top_patch")
+    output = AggregatorOutput(logits=torch.tensor([[1.0], [-3.0]]),
+                              instance_scores=torch.tensor([[0.5, 3.0, 9.0], [-1.0, -2.0, 0.0]]))
+    mask = torch.tensor([[True, True, False], [True, True, True]])  # slide 0's 9.0 is padding and must not count
+    torch.testing.assert_close(module.slide_logits(output, mask), torch.tensor([[2.0], [-1.5]]))
+    bag_only = MILModule(MeanPool(in_dim=2, num_classes=2))
+    torch.testing.assert_close(bag_only.slide_logits(output, mask), output.logits)
+
+
+def test_slide_score_from_the_top_patch_is_refused_for_multiclass_tasks():
+    with pytest.raises(ValueError, match="binary task"):
+        MILModule(MeanPool(in_dim=2, num_classes=3), slide_score="bag_and_top_patch")
+
+
+def test_with_the_top_patch_in_the_slide_score_val_auc_still_watches_the_bag_head(tmp_path):
+    """Predictions carry the averaged score; ``val_auc`` (checkpointing, early stopping) stays the bag head's.
+
+    Patch logit = the single feature, bag logit = their mean: the tumor slide wins on the mean (2 > 1.75), the
+    normal slide on the top patch (7 > 2), so the two scores rank the validation slides in opposite orders.
+    """
+    bags = {"t_train": [2.0] * 4, "n_train": [0.0] * 4, "t_val": [2.0] * 4, "n_val": [0.0, 0.0, 0.0, 7.0]}
+    for slide_id, values in bags.items():
+        write_bag(tmp_path / f"{slide_id}.h5", np.asarray(values, dtype=np.float32)[:, None])
+    labels = tmp_path / "labels.csv"
+    pd.DataFrame({"slide_id": list(bags), "label": [1, 0, 1, 0], "split": ["train", "train", "val", "val"]}).to_csv(
+        labels, index=False)
+    module = MILModule(MeanPool(in_dim=1, num_classes=2, hidden_dim=1, dropout=0.0), scheduler="none",
+                       standardize=False, slide_score="bag_and_top_patch")
+    with torch.no_grad():  # patch logit = relu(feature)
+        for layer in (module.aggregator.embed[0], module.aggregator.classifier):
+            layer.weight.fill_(1.0)
+            layer.bias.zero_()
+    data = MILDataModule(features=str(tmp_path), labels=str(labels), batch_size=2)
+    trainer = Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False)
+    assert trainer.validate(module, datamodule=data, verbose=False)[0]["val_auc"] == 1.0  # the bag head's order
+    written = {}
+    for batch in data.val_dataloader():
+        with torch.no_grad():
+            probs = module._results(batch, module(batch["features"], batch["mask"]))["probs"][:, 1]
+        written.update(zip(batch["slide_id"], probs.tolist()))
+    assert written["n_val"] > written["t_val"]  # the averaged score, written to predictions, ranks them the other way
