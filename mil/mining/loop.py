@@ -11,7 +11,7 @@ round r-1's selection (continuing from round r-1's weights), re-extracts, retrai
     DIR/round_<r>/mil/             `mil fit` run: checkpoints, predictions, metrics.json (val and test)
     DIR/round_<r>/mil_train/       `mil predict --data.predict_split train`: training patch scores
     DIR/round_<r>/selection.csv    mined from this round's model; fine-tunes round r+1's encoder
-    DIR/round_<r>/.<stage>.done    JSON written when a stage completed: its settings and input hashes
+    DIR/round_<r>/.<stage>.done    JSON written when a stage completed: its settings, input hashes and code
     DIR/hnm_config.yaml, hnm_inputs.json   the resolved loop config and its input files' content hashes
     DIR/hnm_summary.csv            one row per round
 

@@ -264,3 +264,17 @@ def test_stage_made_by_other_code_is_reused_and_said_so(tmp_path, monkeypatch, c
     loop.Stages(tmp_path, spell).run("fit", lambda: ran.append(3), {"a": 1})
     line = capsys.readouterr().out.strip()
     assert ran == [1] and f"by other hnm-mil code ({recorded}, now 0123456789ab)" in line and "\n" not in line
+
+
+def test_summary_validation_auc_is_that_of_the_written_predictions(tmp_path):
+    """The written predictions' validation AUC (the slide score the test column uses), not the fit's monitor."""
+    here = settings.round_paths(tmp_path, 0)
+    here.mil.mkdir(parents=True)
+    (here.mil / "fit_summary.json").write_text(json.dumps({"best_val_auc": 1.0}))
+    metrics = {"slide": {"evaluated_split": "test", "metrics": {"auc": {"value": 0.9}},
+                         "validation": {"metrics": {"auc": 0.75}}}, "patch": {}}
+    (here.mil / "metrics.json").write_text(json.dumps(metrics))
+    assert loop.summary_row(0, here, {})["val_slide_auc"] == 0.75
+    del metrics["slide"]["validation"]  # a run evaluated without validation predictions: the fit's record
+    (here.mil / "metrics.json").write_text(json.dumps(metrics))
+    assert loop.summary_row(0, here, {})["val_slide_auc"] == 1.0
