@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "split": ("mil.data.splits:main", "write stratified / case-grouped fold CSVs, or import CLAM splits"),
     "cv": ("mil.evaluation.cv:main", "run every fold (and seed) and print mean ± std"),
     "evaluate": ("mil.evaluation.cli:main", "slide metrics with bootstrap CIs; patch metrics when annotations exist"),
+    "ensemble": ("mil.evaluation.ensemble:main", "average several runs' predictions and patch scores (seeds)"),
     "heatmap": ("mil.evaluation.heatmap:main", "PNG overlays of patch scores on slide thumbnails"),
     "qupath": ("mil.evaluation.qupath:main", "GeoJSON for QuPath: every patch as a scored tile, the mined selection"),
     "mine": ("mil.mining.cli:main", "pseudo-labels and hard negatives from a model's patch scores"),

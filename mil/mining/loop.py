@@ -9,6 +9,8 @@ round r-1's selection (continuing from round r-1's weights), re-extracts, retrai
     DIR/round_<r>/features/        coords/ (tiled once, in round 0, then reused) and features/<tag>/
     DIR/round_<r>/encoder.safetensors   the encoder behind this round's features (absent: the starting one)
     DIR/round_<r>/mil/             `mil fit` run: checkpoints, predictions, metrics.json (val and test)
+    DIR/round_<r>/mil_seed<s>/     with ensemble_seeds: one more `mil fit` run per seed
+    DIR/round_<r>/mil_ensemble/    with ensemble_seeds: `mil ensemble` of mil/ and mil_seed*/, evaluated instead
     DIR/round_<r>/mil_train/       `mil predict --data.predict_split train`: training patch scores
     DIR/round_<r>/selection.csv    mined from this round's model; fine-tunes round r+1's encoder
     DIR/round_<r>/.<stage>.done    JSON written when a stage completed: its settings, input hashes and code
@@ -21,7 +23,9 @@ other settings is refused (:mod:`mil.mining.provenance`); with the same settings
 stage without its marker is redone from a clean state (a half-written run directory is removed first), so
 killing the loop anywhere and rerunning resumes.
 Models are chosen on validation only: the slide model by validation AUC within a round, the round by
-validation AUC across rounds; test numbers are reported, never used to choose.
+validation AUC across rounds; test numbers are reported, never used to choose. With ``ensemble_seeds`` each
+round also fits one slide model per extra seed and reports the mean of all (validation AUC included); mining
+still reads the first fit's training patch scores (docs/method.md says why).
 """
 
 from __future__ import annotations
@@ -130,6 +134,7 @@ def run_round(args: HNMArgs, step: RoundPlan) -> dict[str, Any]:
     from features.training.finetune import finetune
     from features.training.pretrain import pretrain
     from mil.evaluation.cli import main as evaluate
+    from mil.evaluation.ensemble import ensemble
     from mil.mining.cli import mine
     from mil.training.cli import best_checkpoint, fit, predict
 
@@ -153,15 +158,25 @@ def run_round(args: HNMArgs, step: RoundPlan) -> dict[str, Any]:
     stages.run("extract", lambda: run_extract(step.extract), asdict(step.extract), upstream)
     stages.run("fit", lambda: fit(step.fit), argv_settings(step.fit), [args.mil_config, done(here, "extract")],
                partial=here.mil)
+    for seed, argv in step.fit_seeds.items():
+        stages.run(f"fit_seed{seed}", lambda argv=argv: fit(argv), argv_settings(argv),
+                   [args.mil_config, done(here, "extract")], partial=here.mil_seed(seed))
+    if step.ensemble is not None:
+        stages.run("ensemble", lambda: ensemble(step.ensemble), asdict(step.ensemble),
+                   [done(here, "fit"), *(done(here, f"fit_seed{seed}") for seed in step.fit_seeds)],
+                   partial=here.mil_ensemble)
+    reported = done(here, "ensemble" if step.ensemble is not None else "fit")
     stages.run("predict_train", lambda: predict([*step.predict, "--ckpt_path", best_checkpoint(here.mil)]),
                argv_settings(step.predict), [done(here, "fit")], partial=here.mil_train)
-    stages.run("evaluate", lambda: evaluate(step.evaluate), argv_settings(step.evaluate), [done(here, "fit")])
+    stages.run("evaluate", lambda: evaluate(step.evaluate), argv_settings(step.evaluate), [reported])
     stages.run("mine", lambda: mine(step.mine), asdict(step.mine), [done(here, "predict_train"), done(here, "extract")])
-    return summary_row(step.index, here, stages.seconds)
+    return summary_row(step.index, here, stages.seconds, step.evaluated)
 
 
-def summary_row(index: int, here: RoundPaths, seconds: dict[str, float]) -> dict[str, Any]:
-    metrics = _json(here.mil / "metrics.json")
+def summary_row(index: int, here: RoundPaths, seconds: dict[str, float],
+                evaluated: Path | None = None) -> dict[str, Any]:
+    """The round's numbers, from the run it reports (``evaluated``: the seed ensemble, or the first fit)."""
+    metrics = _json((evaluated or here.mil) / "metrics.json")
     slide = metrics.get("slide", {})
     patch = metrics.get("patch", {})
     test_auc = slide.get("metrics", {}).get("auc", {}) if slide.get("evaluated_split") == "test" else {}

@@ -22,6 +22,7 @@ from features.encoders import EncoderConfig
 from features.errors import InputError
 from features.extraction.extract import ExtractOptions, TileOptions
 from features.options import from_values
+from mil.evaluation.ensemble import EnsembleArgs
 from mil.mining.cli import MineArgs
 from mil.mining.mine import MiningConfig
 
@@ -59,6 +60,9 @@ class HNMArgs:
         pretrain_options: options of ``features pretrain`` (data, optim, trainer, augment).
         mil_config: ``mil fit`` YAML of the slide model.
         mil_options: ``mil fit|predict`` options on top of ``mil_config`` (trainer, model, data, ...).
+        ensemble_seeds: more slide models per round, one per seed (``--seed_everything s --data.seed s``); with
+            any, what the round reports (evaluation, summary, the round chosen on validation) is the mean of all
+            of them and the first (``mil_options``) fit (``mil ensemble``), while mining reads the first fit alone.
         mining: ``mil mine`` settings (threshold, positive schedule, neg_ratio, twin test, seed).
         finetune_options: options of ``features finetune`` (data, optim, trainer, phases, augment).
         evaluate_options: options of ``mil evaluate`` (n_bootstrap, min_overlap, top_k, ...).
@@ -75,6 +79,7 @@ class HNMArgs:
     pretrain_options: dict[str, Any] = field(default_factory=dict)
     mil_config: str = "configs/mil/abmil.yaml"
     mil_options: dict[str, Any] = field(default_factory=dict)
+    ensemble_seeds: list[int] = field(default_factory=list)
     mining: MiningConfig = field(default_factory=MiningConfig)
     finetune_options: dict[str, Any] = field(default_factory=dict)
     evaluate_options: dict[str, Any] = field(default_factory=dict)
@@ -95,6 +100,13 @@ class RoundPaths:
     @property
     def mil(self) -> Path:
         return self.root / "mil"
+
+    def mil_seed(self, seed: int) -> Path:
+        return self.root / f"mil_seed{seed}"
+
+    @property
+    def mil_ensemble(self) -> Path:
+        return self.root / "mil_ensemble"
 
     @property
     def mil_train(self) -> Path:
@@ -124,6 +136,11 @@ class RoundPlan:
     finetune: Any  # FinetuneArgs | None
     extract: ExtractOptions
     fit: list[str]
+    fit_seeds: dict[int, list[str]]
+    """Extra fits of the seed ensemble (empty: none), by seed."""
+    ensemble: Any  # EnsembleArgs | None
+    evaluated: Path
+    """The run the round reports: the ensemble's folder, or the first fit's."""
     predict: list[str]
     evaluate: list[str]
     mine: MineArgs
@@ -226,14 +243,20 @@ def plan_round(args: HNMArgs, index: int) -> RoundPlan:
     mil_data = ["--config", args.mil_config, *options(args.mil_options), "--data.features", str(here.features(tag)),
                 "--data.labels", cohort.labels, *fold]
     annotations = ["--annotations", cohort.annotations, "--features", str(here.features(tag))] if cohort.annotations else []
+    fit_seeds = {seed: [*mil_data, "--seed_everything", str(seed), "--data.seed", str(seed),
+                        "--trainer.default_root_dir", str(here.mil_seed(seed))] for seed in args.ensemble_seeds}
+    ensemble = (EnsembleArgs(runs=[str(here.mil), *map(str, map(here.mil_seed, args.ensemble_seeds))],
+                             out=str(here.mil_ensemble)) if args.ensemble_seeds else None)
+    evaluated = here.mil_ensemble if ensemble else here.mil
     mine = MineArgs(scores=str(here.mil_train), labels=cohort.labels, out=str(here.selection), fold=cohort.fold,
                     round=index, annotations=cohort.annotations, coords=str(first.store),
                     features=str(here.features(tag)), mining=args.mining)
     return RoundPlan(
         index=index, paths=here, tag=tag, tile=tile, pretrain=pretrain, finetune=finetune, extract=extract,
-        fit=[*mil_data, "--trainer.default_root_dir", str(here.mil)],
+        fit=[*mil_data, "--trainer.default_root_dir", str(here.mil)], fit_seeds=fit_seeds, ensemble=ensemble,
+        evaluated=evaluated,
         predict=[*mil_data, "--data.predict_split", "train", "--trainer.default_root_dir", str(here.mil_train)],
-        evaluate=["--run", str(here.mil), *annotations, *options(args.evaluate_options)],
+        evaluate=["--run", str(evaluated), *annotations, *options(args.evaluate_options)],
         mine=mine,
     )
 
@@ -248,10 +271,20 @@ def plan(args: HNMArgs) -> list[RoundPlan]:
         if not Path(path).is_file():
             raise InputError(f"{path}: {what} not found")
     fit = check_mil("fit", rounds[0].fit)
+    check_ensemble_seeds(args.ensemble_seeds, fit.get("seed_everything"))
     check_mil("predict", rounds[0].predict)
     check_evaluate(rounds[0].evaluate)
     check_devices(rounds, fit)
     return rounds
+
+
+def check_ensemble_seeds(seeds: list[int], first_seed: Any) -> None:
+    """Each seed of the ensemble once, and not the first fit's own seed: a repeated seed repeats a model."""
+    repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
+    if repeated:
+        raise InputError(f"ensemble_seeds: seed(s) {repeated} listed twice; list each seed once")
+    if isinstance(first_seed, int) and not isinstance(first_seed, bool) and first_seed in seeds:
+        raise InputError(f"ensemble_seeds: {first_seed} is the first fit's seed_everything already; pick other seeds")
 
 
 def check_mil(subcommand: str, argv: list[str]) -> dict[str, Any]:

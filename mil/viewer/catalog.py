@@ -7,7 +7,8 @@ disk is reachable through the viewer.
 
 Sources: ``--run RUN`` (any aggregator's ``mil test|predict`` run: ``patch_scores/``, ``predictions*.csv``,
 ``metrics.json``, ``config.yaml``) and, with ``--hnm DIR``, every ``round_<r>`` of a ``mil hnm`` folder
-(``mil/`` scores the val/test slides, ``mil_train/`` the training slides, ``selection.csv`` the mined patches,
+(``mil/`` scores the val/test slides, or ``mil_ensemble/`` where the loop reports a seed ensemble,
+``mil_train/`` the training slides, ``selection.csv`` the mined patches,
 ``selection_quality.json`` when annotations existed).
 """
 
@@ -226,7 +227,8 @@ def _rounds(hnm: Path) -> list[Round]:
     found = sorted((int(m.group(1)), p) for p in hnm.iterdir() if p.is_dir() and (m := ROUND_DIR.match(p.name)))
     rounds = []
     for index, folder in found:
-        source = Source(f"r{index}", f"round {index}", [folder / "mil", folder / "mil_train"]).load()
+        reported = folder / "mil_ensemble" if (folder / "mil_ensemble").is_dir() else folder / "mil"
+        source = Source(f"r{index}", f"round {index}", [reported, folder / "mil_train"]).load()
         if not source.files:
             continue
         selection = pd.DataFrame(columns=["slide_id", "x", "y", "kind", "score"])

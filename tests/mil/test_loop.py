@@ -29,7 +29,7 @@ from mil.mining import loop, provenance, settings
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[2]
-ROUND0 = ("tile", "extract", "fit", "predict_train", "evaluate", "mine")
+ROUND0 = ("tile", "extract", "fit", "fit_seed1", "ensemble", "predict_train", "evaluate", "mine")
 
 
 def loop_argv(cohort: Path, out: Path, rounds: int, mil_config: Path) -> list[str]:
@@ -41,6 +41,7 @@ def loop_argv(cohort: Path, out: Path, rounds: int, mil_config: Path) -> list[st
         "--extract_options", json.dumps({"batch_size": 64, "num_workers": 0, "accelerator": "cpu"}),
         "--mil_config", str(mil_config),
         "--mil_options", json.dumps({"trainer": {"max_epochs": 2, "logger": False}, "data": {"max_patches_train": 64}}),
+        "--ensemble_seeds", "[1]",
         "--mining.neg_ratio", "0.2", "--mining.positives.start", "0.2",
         "--finetune_options", json.dumps({"data": {"batch_size": 8, "num_workers": 0},
                                           "trainer": {"accelerator": "cpu", "max_steps": 2,
@@ -79,7 +80,8 @@ def outputs(out: Path) -> dict[str, object]:
             for name, data in handle.items():
                 if isinstance(data, h5py.Dataset):
                     found[f"{h5.relative_to(out)}:{name}"] = np.asarray(data[()]).tobytes()
-    for name in ("selection.csv", "selection_quality.json", "mil/predictions_val.csv", "mil/predictions_test.csv"):
+    for name in ("selection.csv", "selection_quality.json", "mil/predictions_val.csv", "mil/predictions_test.csv",
+                 "mil_ensemble/predictions_test.csv"):
         for path in sorted(out.glob(f"round_*/{name}")):
             found[str(path.relative_to(out))] = path.read_bytes()
     for path in sorted(out.glob("round_*/encoder.safetensors")):
@@ -142,6 +144,16 @@ def test_kill_9_rerun_matches_uninterrupted_run_and_other_settings_are_refused(c
     assert finetune["settings"]["trainer"]["max_steps"] == 2 and finetune["settings"]["encoder"]["weights"] is None
     assert set(finetune["inputs"]) == {"<out>/round_0/.mine.done", "<out>/round_0/selection.csv"}
     assert json.loads((first / ".fit.done").read_text())["settings"]["trainer.max_epochs"] == "2"
+    # The round reports the seed ensemble (validation AUC included); mining read the first fit's scores.
+    assert json.loads((first / ".evaluate.done").read_text())["settings"]["run"] == "<out>/round_0/mil_ensemble"
+    assert json.loads((first / ".fit_seed1.done").read_text())["settings"]["seed_everything"] == "1"
+    ensemble = pd.read_csv(first / "mil_ensemble" / "predictions_test.csv").set_index("slide_id")["score"]
+    members = [pd.read_csv(first / run / "predictions_test.csv").set_index("slide_id")["score"]
+               for run in ("mil", "mil_seed1")]
+    np.testing.assert_allclose(ensemble, ((members[0] + members[1].loc[members[0].index]) / 2).loc[ensemble.index])
+    evaluated = json.loads((first / "mil_ensemble" / "metrics.json").read_text())["slide"]["validation"]["metrics"]
+    assert table.loc[0, "val_slide_auc"] == pytest.approx(evaluated["auc"])
+    assert json.loads((first / ".mine.done").read_text())["settings"]["scores"] == "<out>/round_0/mil_train"
     markers = {p: p.read_text() for p in out.glob("round_*/.*.done")}
 
     # Other settings into the finished folder: one line naming the setting; nothing rerun or rewritten.
@@ -179,6 +191,8 @@ def test_kill_9_rerun_matches_uninterrupted_run_and_other_settings_are_refused(c
     ("--mil_options", {"model": {"lrr": 0.1}}, "model.lrr"),
     ("--evaluate_options", {"n_bootstrapp": 10}, "n_bootstrapp"),
     ("--finetune_options", {"selection": "x.csv"}, "finetune_options.selection"),
+    ("--ensemble_seeds", [0], "first fit's seed_everything"),
+    ("--ensemble_seeds", [2, 2], "listed twice"),
 ])
 def test_a_bad_key_anywhere_stops_the_loop_before_any_stage(cohort, mil_config, tmp_path, capsys, section, value,
                                                             named):
