@@ -28,6 +28,7 @@ import pandas as pd  # noqa: E402
 from features.synth.cli import main as synth  # noqa: E402
 from mil.evaluation.cli import main as evaluate  # noqa: E402
 from mil.evaluation.heatmap import main as heatmap  # noqa: E402
+from mil.mining.layout import RoundPaths  # noqa: E402
 from mil.mining.loop import main as hnm  # noqa: E402
 from mil.training.cli import fit, test  # noqa: E402
 
@@ -88,7 +89,7 @@ def main() -> int:
     models = compare_models(args.out, cohort, round0)
     last = loop / f"round_{args.rounds}"
     last_features = next((last / "features" / "features").iterdir())
-    step("mil heatmap", heatmap, ["--run", str(last / "mil"), "--slides", str(cohort / "slides.csv"),
+    step("mil heatmap", heatmap, ["--run", str(RoundPaths(last).reported), "--slides", str(cohort / "slides.csv"),
                                   "--features", str(last_features), "--annotations", str(cohort / "annotations"),
                                   "--out", str(args.out / "heatmaps")])
 

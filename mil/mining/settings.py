@@ -24,6 +24,7 @@ from features.extraction.extract import ExtractOptions, TileOptions
 from features.options import from_values
 from mil.evaluation.ensemble import EnsembleArgs
 from mil.mining.cli import MineArgs
+from mil.mining.layout import RoundPaths, round_paths
 from mil.mining.mine import MiningConfig
 
 
@@ -83,45 +84,6 @@ class HNMArgs:
     mining: MiningConfig = field(default_factory=MiningConfig)
     finetune_options: dict[str, Any] = field(default_factory=dict)
     evaluate_options: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class RoundPaths:
-    root: Path
-
-    @property
-    def store(self) -> Path:
-        return self.root / "features"
-
-    @property
-    def encoder(self) -> Path:
-        return self.root / "encoder.safetensors"
-
-    @property
-    def mil(self) -> Path:
-        return self.root / "mil"
-
-    def mil_seed(self, seed: int) -> Path:
-        return self.root / f"mil_seed{seed}"
-
-    @property
-    def mil_ensemble(self) -> Path:
-        return self.root / "mil_ensemble"
-
-    @property
-    def mil_train(self) -> Path:
-        return self.root / "mil_train"
-
-    @property
-    def selection(self) -> Path:
-        return self.root / "selection.csv"
-
-    def features(self, tag: str) -> Path:
-        return self.store / "features" / tag
-
-
-def round_paths(out: Path, index: int) -> RoundPaths:
-    return RoundPaths(out / f"round_{index}")
 
 
 @dataclass

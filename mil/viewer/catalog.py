@@ -29,6 +29,7 @@ import yaml
 
 from features.errors import InputError
 from features.store import find_feature_files, h5_files, read_attrs
+from mil.mining.layout import RoundPaths
 from mil.patch_scores import PATCH_SCORES_DIR, read_patch_scores
 
 log = logging.getLogger(__name__)
@@ -227,8 +228,7 @@ def _rounds(hnm: Path) -> list[Round]:
     found = sorted((int(m.group(1)), p) for p in hnm.iterdir() if p.is_dir() and (m := ROUND_DIR.match(p.name)))
     rounds = []
     for index, folder in found:
-        reported = folder / "mil_ensemble" if (folder / "mil_ensemble").is_dir() else folder / "mil"
-        source = Source(f"r{index}", f"round {index}", [reported, folder / "mil_train"]).load()
+        source = Source(f"r{index}", f"round {index}", [RoundPaths(folder).reported, folder / "mil_train"]).load()
         if not source.files:
             continue
         selection = pd.DataFrame(columns=["slide_id", "x", "y", "kind", "score"])

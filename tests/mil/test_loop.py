@@ -292,3 +292,12 @@ def test_summary_validation_auc_is_that_of_the_written_predictions(tmp_path):
     del metrics["slide"]["validation"]  # a run evaluated without validation predictions: the fit's record
     (here.mil / "metrics.json").write_text(json.dumps(metrics))
     assert loop.summary_row(0, here, {})["val_slide_auc"] == 1.0
+
+
+def test_a_round_reports_its_seed_ensemble_where_the_loop_made_one(tmp_path):
+    """The demo's heatmaps and the viewer's round sources read the run the summary reports."""
+    here = settings.round_paths(tmp_path, 1)
+    (here.mil).mkdir(parents=True)
+    assert here.reported == tmp_path / "round_1" / "mil"
+    here.mil_ensemble.mkdir()
+    assert here.reported == tmp_path / "round_1" / "mil_ensemble"
