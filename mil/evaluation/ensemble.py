@@ -66,6 +66,9 @@ def ensemble(args: EnsembleArgs) -> Path:
     out = Path(args.out)
     if out.resolve() in {run.resolve() for run in runs}:
         raise InputError(f"{out}: --out is one of the --runs; write the ensemble to a new folder")
+    if out.exists() and not (out / ENSEMBLE_NAME).is_file() and (not out.is_dir() or any(out.iterdir())):
+        raise InputError(f"{out}: exists and is not a `mil ensemble` folder (no {ENSEMBLE_NAME}); pass a new --out, "
+                         "nothing there is replaced")
     for run in runs:
         if not run.is_dir():
             raise InputError(f"{run}: run directory not found; pass the --trainer.default_root_dir of a `mil fit` run")

@@ -100,3 +100,13 @@ def test_members_of_other_data_are_refused_in_one_line(two_runs, tmp_path, capsy
         assert not out.exists()
     assert mil_main(["ensemble", "--runs", f"[{first}]", "--out", str(out)]) == 2
     assert "at least two" in capsys.readouterr().err
+
+    # An existing folder that is not an ensemble is never replaced; an earlier ensemble is.
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep")
+    assert mil_main(["ensemble", "--runs", f"[{first},{second}]", "--out", str(precious)]) == 2
+    assert "not a `mil ensemble` folder" in capsys.readouterr().err and (precious / "notes.txt").read_text() == "keep"
+    for _ in range(2):
+        assert mil_main(["ensemble", "--runs", f"[{first},{second}]", "--out", str(out)]) == 0
+    assert (out / ENSEMBLE_NAME).is_file()
