@@ -46,6 +46,7 @@ import pandas as pd
 from features.errors import InputError
 from features.options import parse
 from features.store import atomic_path
+from mil.evaluation.ensemble import ENSEMBLE_NAME
 from mil.mining.provenance import FIX, SUMMARY_NAME, code_fingerprint, first_difference, fingerprint, prepare_folder
 from mil.mining.settings import HNMArgs, RoundPaths, RoundPlan, plan, round_paths
 
@@ -194,6 +195,8 @@ def summary_row(index: int, here: RoundPaths, seconds: dict[str, float],
         "test_slide_auc_high": _get(test_auc, "high", "upper", "ci_high"),
         "test_patch_auc": patch.get("pooled_auc"),
         "test_tumor_vs_lookalike_auc": patch.get("tumor_vs_lookalike_auc"),
+        # How many slide models those numbers average (the seed ensemble's members, or the one fit).
+        "slide_models": len(_json((evaluated or here.mil) / ENSEMBLE_NAME).get("members", [None])),
         "n_positive": int(counts.get("positive", 0)),
         "n_hard_negative": int(counts.get("hard_negative", 0)),
         "n_negative": int(counts.get("negative", 0)),

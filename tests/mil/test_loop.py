@@ -153,6 +153,7 @@ def test_kill_9_rerun_matches_uninterrupted_run_and_other_settings_are_refused(c
     np.testing.assert_allclose(ensemble, ((members[0] + members[1].loc[members[0].index]) / 2).loc[ensemble.index])
     evaluated = json.loads((first / "mil_ensemble" / "metrics.json").read_text())["slide"]["validation"]["metrics"]
     assert table.loc[0, "val_slide_auc"] == pytest.approx(evaluated["auc"])
+    assert table["slide_models"].tolist() == [2, 2]
     assert json.loads((first / ".mine.done").read_text())["settings"]["scores"] == "<out>/round_0/mil_train"
     markers = {p: p.read_text() for p in out.glob("round_*/.*.done")}
 
