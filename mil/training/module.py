@@ -103,6 +103,10 @@ class MILModule(LightningModule):
         size = len(labels)
         self.log_dict({f"{stage}_{name}": value.detach() for name, value in terms.items()}, batch_size=size,
                       on_step=False, on_epoch=True)
+        if self._trainer is not None and self._trainer.sanity_checking:
+            # Lightning's sanity check reads a couple of validation slides, often of one class; an AUC of them is
+            # meaningless (torchmetrics warns) and nothing is chosen on it.
+            return {"loss": terms["loss"], **results}
         probs = self.probabilities(self.aggregator.slide_logits(output).detach())  # the bag head: what selection watches
         self.auc[f"{stage}_auc"].update(probs[:, 1] if probs.shape[1] == 2 else probs, labels)
         self.log(f"{stage}_auc", self.auc[f"{stage}_auc"], on_step=False, on_epoch=True, batch_size=size, prog_bar=stage == "val")

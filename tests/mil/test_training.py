@@ -180,3 +180,25 @@ def test_best_checkpoint_can_break_validation_auc_ties_by_validation_loss(cohort
     best = Path(json.loads((tmp_path / "fit_summary.json").read_text())["best_checkpoint"]).name
     expected = by_loss if tie_breaker == "val_loss" else first
     assert best.startswith(f"best-epoch{expected:03d}-"), (best, tied[["epoch", "val_auc", "val_loss"]])
+
+
+def test_sanity_check_on_one_class_of_validation_slides_does_not_warn(cohort, tmp_path):
+    """Lightning's sanity check reads the first validation slides; when they are all normal an AUC of them is
+    meaningless, so none is computed (torchmetrics would warn "No positive samples in targets")."""
+    import warnings
+
+    folder, labels = cohort
+    table = pd.read_csv(labels)
+    val = table[table["split"] == "val"].sort_values("label")  # the normal validation slides first
+    assert (val["label"].iloc[:2] == "normal").all() and (val["label"] == "tumor").any()
+    reordered = tmp_path / "labels.csv"
+    pd.concat([table[table["split"] != "val"], val]).to_csv(reordered, index=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli.fit(["--config", str(CONFIGS / "demo" / "mil_abmil.yaml"), "--data.features", str(folder),
+                 "--data.labels", str(reordered), "--trainer.default_root_dir", str(tmp_path / "run"),
+                 "--trainer.max_epochs=1", "--data.batch_size=1", "--trainer.num_sanity_val_steps=2",
+                 "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+                 "--data.num_workers=0"])
+    assert not [w for w in caught if "No positive samples" in str(w.message)]
+    assert json.loads((tmp_path / "run" / "fit_summary.json").read_text())["best_val_auc"] is not None
