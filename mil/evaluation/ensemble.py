@@ -1,14 +1,17 @@
-"""``mil ensemble``: one run directory whose predictions and patch scores are the mean of several runs'.
+"""``mil ensemble``: one run directory whose slide predictions are the mean of several runs'.
 
     mil ensemble --runs [runs/abmil_seed0,runs/abmil_seed1,runs/abmil_seed2] --out runs/abmil_ensemble
 
 With a handful of validation slides, which epoch (and which seed) a slide model keeps is close to chance: its
 validation AUC often reads 1.00 from the first epoch on. Averaging a few seeds' outputs takes most of that chance
-out of the test numbers. Slide probabilities (``score`` and any ``prob_<class>``) and patch logits (``scores``,
-and ``attention`` where every member has it) are averaged, patches joined on their coordinates, never on row
-order. The result reads like a run to ``mil evaluate``, ``mil heatmap``, ``mil qupath`` and ``mil view``;
-``ensemble.json`` records the members, their seeds and best checkpoints, and the software; ``config.yaml`` holds
-only the ``data`` settings the members share.
+out of the test numbers. Slide probabilities (``score`` and any ``prob_<class>``) are averaged, slides joined on
+their ids. Patch scores are the first run's by default: each member's instance head puts its logits on its own
+scale, so one member with wide logits would rank the patches of the mean, and on fresh synthetic cohorts the
+mean's patch AUC fell below the first fit's (docs/method.md). ``--patch_scores mean`` averages the logits (and
+``attention`` where every member has it), patches joined on their coordinates, never on row order. The result
+reads like a run to ``mil evaluate``, ``mil heatmap``, ``mil qupath`` and ``mil view``; ``ensemble.json``
+records the members, their seeds and best checkpoints, the patch-score mode and the software; ``config.yaml``
+holds only the ``data`` settings the members share.
 
 The members must have scored the same slides with the same labels, splits, features and labels file; anything
 else is refused in one line, since a mean over different data is a number that looks right and is not.
@@ -39,6 +42,7 @@ ENSEMBLE_NAME = "ensemble.json"
 PREDICTION_FILES = ("predictions_val.csv", "predictions_test.csv", "predictions.csv")
 # What must agree between members: the data they read. Seeds, models and trainer settings may differ.
 DATA_KEYS = ("features", "labels", "fold", "label_map")
+PATCH_MODES = ("first", "mean")
 
 
 @dataclass
@@ -49,6 +53,8 @@ class EnsembleArgs:
     """Run directories of `mil fit` (or `mil test`), each with predictions CSVs and patch_scores/."""
     out: str
     """Run directory to write: the mean predictions, patch_scores/ and ensemble.json."""
+    patch_scores: str = "first"
+    """``first``: the first run's patch scores, as they are; ``mean``: the mean logit (and attention) per patch."""
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -60,6 +66,8 @@ def ensemble(args: EnsembleArgs) -> Path:
     """Average the members' outputs into ``args.out`` (written whole under a temporary name, then renamed)."""
     from mil.training.outputs import versions  # pulls in Lightning: only when an ensemble is written
 
+    if args.patch_scores not in PATCH_MODES:
+        raise InputError(f"--patch_scores {args.patch_scores!r}: choose first or mean")
     runs = [Path(run) for run in args.runs]
     if len(runs) < 2:
         raise InputError("mil ensemble: pass at least two --runs; one run is already its own result")
@@ -85,9 +93,10 @@ def ensemble(args: EnsembleArgs) -> Path:
         written = [name for name in PREDICTION_FILES if mean_predictions(runs, name, tmp / name)]
         if not written:
             raise InputError(f"{runs[0]}: holds no predictions CSV; run `mil fit` or `mil test` first")
-        n_slides = mean_patch_scores(runs, tmp)
+        n_slides = mean_patch_scores(runs if args.patch_scores == "mean" else runs[:1], tmp)
         record = {"members": [str(run) for run in runs], "data": data[0], "prediction_files": written,
-                  "patch_score_slides": n_slides, "member_settings": [member_settings(run) for run in runs],
+                  "patch_scores": args.patch_scores, "patch_score_slides": n_slides,
+                  "member_settings": [member_settings(run) for run in runs],
                   "versions": versions(), "written": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         (tmp / ENSEMBLE_NAME).write_text(json.dumps(record, indent=1) + "\n")
         # Only the data every member shares: what readers of a run (the viewer, another ensemble) look up there.
@@ -156,7 +165,9 @@ def mean_predictions(runs: list[Path], name: str, target: Path) -> bool:
 
 
 def mean_patch_scores(runs: list[Path], out: Path) -> int:
-    """Mean patch logits (and attention, where every member has it) per slide; returns the slides written."""
+    """Mean patch logits (and attention, where every member has it) per slide; returns the slides written.
+
+    Given one run, its patch scores are written unchanged (the default ``--patch_scores first``)."""
     if not all((run / PATCH_SCORES_DIR).is_dir() for run in runs):
         if any((run / PATCH_SCORES_DIR).is_dir() for run in runs):
             raise InputError(f"{runs[0]}: some members have patch_scores/ and some do not; rerun `mil test` for all")

@@ -24,8 +24,8 @@ stage without its marker is redone from a clean state (a half-written run direct
 killing the loop anywhere and rerunning resumes.
 Models are chosen on validation only: the slide model by validation AUC within a round, the round by
 validation AUC across rounds; test numbers are reported, never used to choose. With ``ensemble_seeds`` each
-round also fits one slide model per extra seed and reports the mean of all (validation AUC included); mining
-still reads the first fit's training patch scores (docs/method.md says why).
+round also fits one slide model per extra seed and reports the mean of their slide predictions (validation AUC
+included); patch scores, mining included, stay the first fit's (docs/method.md says why).
 """
 
 from __future__ import annotations

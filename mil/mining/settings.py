@@ -62,8 +62,9 @@ class HNMArgs:
         mil_config: ``mil fit`` YAML of the slide model.
         mil_options: ``mil fit|predict`` options on top of ``mil_config`` (trainer, model, data, ...).
         ensemble_seeds: more slide models per round, one per seed (``--seed_everything s --data.seed s``); with
-            any, what the round reports (evaluation, summary, the round chosen on validation) is the mean of all
-            of them and the first (``mil_options``) fit (``mil ensemble``), while mining reads the first fit alone.
+            any, the round's slide predictions (slide AUCs in the summary, the round chosen on validation) are
+            the mean of them and the first (``mil_options``) fit (``mil ensemble``); patch scores, and so mining
+            and the patch AUCs, stay the first fit's.
         mining: ``mil mine`` settings (threshold, positive schedule, neg_ratio, twin test, seed).
         finetune_options: options of ``features finetune`` (data, optim, trainer, phases, augment).
         evaluate_options: options of ``mil evaluate`` (n_bootstrap, min_overlap, top_k, ...).

@@ -51,7 +51,7 @@ def two_runs(tmp_path) -> tuple[Path, Path, np.ndarray, np.ndarray]:
 def test_mean_of_members_joined_on_slide_and_coordinates(two_runs, tmp_path, capsys):
     first, second, first_logits, second_logits = two_runs
     out = tmp_path / "ensemble"
-    assert mil_main(["ensemble", "--runs", f"[{first},{second}]", "--out", str(out)]) == 0
+    assert mil_main(["ensemble", "--runs", f"[{first},{second}]", "--out", str(out), "--patch_scores", "mean"]) == 0
     test = pd.read_csv(out / "predictions_test.csv").set_index("slide_id")
     assert test.loc["c", "score"] == pytest.approx(0.4) and test.loc["d", "score"] == pytest.approx(0.7)
     val = pd.read_csv(out / "predictions_val.csv").set_index("slide_id")
@@ -63,7 +63,7 @@ def test_mean_of_members_joined_on_slide_and_coordinates(two_runs, tmp_path, cap
         with h5py.File(out / "patch_scores" / f"{slide_id}.h5") as h5:
             np.testing.assert_allclose(h5["attention"][:], 0.25)
     record = json.loads((out / ENSEMBLE_NAME).read_text())
-    assert record["members"] == [str(first), str(second)]
+    assert record["members"] == [str(first), str(second)] and record["patch_scores"] == "mean"
     assert [m["seed_everything"] for m in record["member_settings"]] == [0, 1]
     assert yaml.safe_load((out / "config.yaml").read_text())["data"]["features"] == "feats/resnet"
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
@@ -73,6 +73,22 @@ def test_mean_of_members_joined_on_slide_and_coordinates(two_runs, tmp_path, cap
     metrics = json.loads((out / "metrics.json").read_text())["slide"]
     assert metrics["evaluated_split"] == "test" and metrics["metrics"]["auc"]["value"] == pytest.approx(1.0)
     capsys.readouterr()
+
+
+def test_patch_scores_are_the_first_runs_by_default(two_runs, tmp_path, capsys):
+    """Instance heads of separate fits put logits on their own scales: by default the slide probabilities are
+    averaged and the patch scores are the first run's, unchanged."""
+    first, second, first_logits, _ = two_runs
+    out = tmp_path / "ensemble"
+    assert mil_main(["ensemble", "--runs", f"[{first},{second}]", "--out", str(out)]) == 0
+    assert pd.read_csv(out / "predictions_test.csv").set_index("slide_id").loc["c", "score"] == pytest.approx(0.4)
+    for slide_index, slide_id in enumerate(["c", "d"]):
+        coords, logits = read_patch_scores(out / "patch_scores" / f"{slide_id}.h5")
+        np.testing.assert_array_equal(coords, COORDS)
+        np.testing.assert_allclose(logits, first_logits[slide_index])
+    assert json.loads((out / ENSEMBLE_NAME).read_text())["patch_scores"] == "first"
+    assert mil_main(["ensemble", "--runs", f"[{first},{second}]", "--out", str(out), "--patch_scores", "max"]) == 2
+    assert "choose first or mean" in capsys.readouterr().err
 
 
 def test_members_of_other_data_are_refused_in_one_line(two_runs, tmp_path, capsys):
@@ -94,7 +110,7 @@ def test_members_of_other_data_are_refused_in_one_line(two_runs, tmp_path, capsy
                        (other_labels, "label of some slides"), (other_slides, "scores other slides"),
                        (first, "--out is one of the --runs")):
         target = first if named.startswith("--out") else out
-        assert mil_main(["ensemble", "--runs", f"[{first},{bad}]", "--out", str(target)]) == 2
+        assert mil_main(["ensemble", "--runs", f"[{first},{bad}]", "--out", str(target), "--patch_scores", "mean"]) == 2
         err = capsys.readouterr().err
         assert named in err and len(err.strip().splitlines()) == 1, err
         assert not out.exists()
