@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pandas as pd
 import yaml
@@ -36,7 +35,7 @@ from features.errors import InputError
 from features.options import parse
 from features.store import HOST, TMP_MARKER
 from mil.evaluation.report import read_predictions_csv
-from mil.patch_scores import PATCH_SCORES_DIR, find_patch_scores, write_patch_scores
+from mil.patch_scores import PATCH_SCORES_DIR, find_patch_scores, read_patch_scores, write_patch_scores
 
 ENSEMBLE_NAME = "ensemble.json"
 PREDICTION_FILES = ("predictions_val.csv", "predictions_test.csv", "predictions.csv")
@@ -93,7 +92,7 @@ def ensemble(args: EnsembleArgs) -> Path:
         written = [name for name in PREDICTION_FILES if mean_predictions(runs, name, tmp / name)]
         if not written:
             raise InputError(f"{runs[0]}: holds no predictions CSV; run `mil fit` or `mil test` first")
-        n_slides = mean_patch_scores(runs if args.patch_scores == "mean" else runs[:1], tmp)
+        n_slides = mean_patch_scores(runs, tmp) if args.patch_scores == "mean" else copy_patch_scores(runs[0], tmp)
         record = {"members": [str(run) for run in runs], "data": data[0], "prediction_files": written,
                   "patch_scores": args.patch_scores, "patch_score_slides": n_slides,
                   "member_settings": [member_settings(run) for run in runs],
@@ -164,10 +163,16 @@ def mean_predictions(runs: list[Path], name: str, target: Path) -> bool:
     return True
 
 
-def mean_patch_scores(runs: list[Path], out: Path) -> int:
-    """Mean patch logits (and attention, where every member has it) per slide; returns the slides written.
+def copy_patch_scores(run: Path, out: Path) -> int:
+    """The first run's patch_scores/ as they are (``--patch_scores first``); returns the slides copied."""
+    if not (run / PATCH_SCORES_DIR).is_dir():
+        return 0
+    shutil.copytree(run / PATCH_SCORES_DIR, out / PATCH_SCORES_DIR)
+    return len(find_patch_scores(out))
 
-    Given one run, its patch scores are written unchanged (the default ``--patch_scores first``)."""
+
+def mean_patch_scores(runs: list[Path], out: Path) -> int:
+    """Mean patch logits (and attention, where every member has it) per slide; returns the slides written."""
     if not all((run / PATCH_SCORES_DIR).is_dir() for run in runs):
         if any((run / PATCH_SCORES_DIR).is_dir() for run in runs):
             raise InputError(f"{runs[0]}: some members have patch_scores/ and some do not; rerun `mil test` for all")
@@ -200,12 +205,10 @@ def mean_patch_scores(runs: list[Path], out: Path) -> int:
 
 
 def read_member(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """(coords, logits, attention or None) of one member's patch-scores file."""
+    """(coords, logits, attention or None) of one member's patch-scores file, through the format's own reader."""
+    coords, scores = read_patch_scores(path, "instance")
     try:
-        with h5py.File(path, "r") as h5:
-            coords = np.asarray(h5["coords"][:], dtype=np.int64).reshape(-1, 2)
-            scores = np.asarray(h5["scores"][:], dtype=np.float64).reshape(-1)
-            attention = np.asarray(h5["attention"][:], dtype=np.float64).reshape(-1) if "attention" in h5 else None
-    except (OSError, KeyError) as error:
-        raise InputError(f"{path}: cannot read patch scores ({error}); rerun `mil test` for that run") from None
+        attention = read_patch_scores(path, "attention")[1]
+    except InputError:
+        attention = None  # models without attention write instance scores only
     return coords, scores, attention
