@@ -78,6 +78,7 @@ class Stages:
         marker = self.marker(name)
         if marker.is_file():
             stored = json.loads(marker.read_text())
+            stored["settings"] = without_display(stored.get("settings"))  # markers written before DISPLAY_ONLY
             difference = first_difference({key: stored.get(key) or {} for key in record}, record)
             if difference:
                 key, old, new = difference
@@ -124,9 +125,20 @@ def spelling(args: HNMArgs) -> Callable[[Any], Any]:
     return spell
 
 
+# What a command prints, not what it computes: left out of stage markers, so a quieter or louder rerun resumes.
+DISPLAY_ONLY = frozenset({"trainer.enable_model_summary", "trainer.enable_progress_bar"})
+
+
 def argv_settings(argv: list[str]) -> dict[str, str]:
     """``["--trainer.max_epochs", "2", ...]`` -> ``{"trainer.max_epochs": "2"}``: a marker names what differs."""
-    return {key.removeprefix("--"): value for key, value in zip(argv[::2], argv[1::2])}
+    return without_display({key.removeprefix("--"): value for key, value in zip(argv[::2], argv[1::2])})
+
+
+def without_display(settings: Any) -> Any:
+    """A command line's settings less those that only change what it prints (``DISPLAY_ONLY``)."""
+    if not isinstance(settings, dict):
+        return settings
+    return {key: value for key, value in settings.items() if key not in DISPLAY_ONLY}
 
 
 def run_round(args: HNMArgs, step: RoundPlan) -> dict[str, Any]:

@@ -206,10 +206,10 @@ def plan_round(args: HNMArgs, index: int) -> RoundPlan:
     mil_data = ["--config", args.mil_config, *options(args.mil_options), "--data.features", str(here.features(tag)),
                 "--data.labels", cohort.labels, *fold]
     annotations = ["--annotations", cohort.annotations, "--features", str(here.features(tag))] if cohort.annotations else []
-    # The same model again with another seed: its summary table would repeat the first fit's, so it is not printed.
-    fit_seeds = {seed: [*mil_data, "--seed_everything", str(seed), "--data.seed", str(seed),
-                        "--trainer.enable_model_summary", "false", "--trainer.default_root_dir",
-                        str(here.mil_seed(seed))] for seed in args.ensemble_seeds}
+    # The loop prints one line per stage; Lightning's model summary table (the same each round) is left to `mil fit`.
+    quiet = ["--trainer.enable_model_summary", "false"]
+    fit_seeds = {seed: [*mil_data, "--seed_everything", str(seed), "--data.seed", str(seed), *quiet,
+                        "--trainer.default_root_dir", str(here.mil_seed(seed))] for seed in args.ensemble_seeds}
     ensemble = (EnsembleArgs(runs=[str(here.mil), *map(str, map(here.mil_seed, args.ensemble_seeds))],
                              out=str(here.mil_ensemble)) if args.ensemble_seeds else None)
     evaluated = here.mil_ensemble if ensemble else here.mil
@@ -218,7 +218,7 @@ def plan_round(args: HNMArgs, index: int) -> RoundPlan:
                     features=str(here.features(tag)), mining=args.mining)
     return RoundPlan(
         index=index, paths=here, tag=tag, tile=tile, pretrain=pretrain, finetune=finetune, extract=extract,
-        fit=[*mil_data, "--trainer.default_root_dir", str(here.mil)], fit_seeds=fit_seeds, ensemble=ensemble,
+        fit=[*mil_data, *quiet, "--trainer.default_root_dir", str(here.mil)], fit_seeds=fit_seeds, ensemble=ensemble,
         evaluated=evaluated,
         predict=[*mil_data, "--data.predict_split", "train", "--trainer.default_root_dir", str(here.mil_train)],
         evaluate=["--run", str(evaluated), *annotations, *options(args.evaluate_options)],

@@ -241,6 +241,24 @@ def test_stage_marker_made_with_other_settings_is_refused(tmp_path):
     assert ran == [1]
 
 
+def test_display_settings_do_not_stop_a_resume(tmp_path):
+    """A marker written with the model summary on (as before the loop's fits were quiet) still resumes."""
+    spell = loop.spelling(settings.HNMArgs(cohort=settings.Cohort(slides="s", labels="l"), out=str(tmp_path)))
+    ran = []
+    fit = ["--config", "l", "--trainer.max_epochs", "2"]
+    loop.Stages(tmp_path, spell).run("fit", lambda: ran.append(1), loop.argv_settings(fit))
+    marker = tmp_path / ".fit.done"
+    record = json.loads(marker.read_text())
+    assert record["settings"] == {"config": "<cohort.labels>", "trainer.max_epochs": "2"}
+    record["settings"]["trainer.enable_model_summary"] = "true"
+    marker.write_text(json.dumps(record))
+    quiet = [*fit, "--trainer.enable_model_summary", "false", "--trainer.enable_progress_bar", "false"]
+    loop.Stages(tmp_path, spell).run("fit", lambda: ran.append(2), loop.argv_settings(quiet))
+    assert ran == [1]
+    with pytest.raises(InputError, match="trainer.max_epochs was '2', now '3'"):
+        loop.Stages(tmp_path, spell).run("fit", lambda: ran.append(3), loop.argv_settings([*quiet[:3], "3"]))
+
+
 def test_overwrite_discards_earlier_rounds_and_keeps_other_files(cohort, tmp_path):
     args = settings.HNMArgs(cohort=settings.Cohort(slides=str(cohort / "slides"), labels=str(cohort / "labels.csv")),
                             out=str(tmp_path))
