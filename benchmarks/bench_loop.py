@@ -55,7 +55,7 @@ def summarise(per_seed: pd.DataFrame) -> list[dict]:
     rows = [{**row, "met_bar": met[row["seed"]] if row["round"] == 1 else ""}
             for row in per_seed[columns].round(3).to_dict("records")]
     for label, frame in (("round 0", by_round[0]), ("round 1", by_round[1]), ("change", by_round[1] - by_round[0])):
-        rows.append({"seed": f"mean ± std ({len(frame)} seeds)", "round": label,
+        rows.append({**dict.fromkeys(columns, ""), "seed": f"mean ± std ({len(frame)} seeds)", "round": label,
                      **{m: f"{frame[m].mean():+.3f} ± {frame[m].std(ddof=0):.3f}" if label == "change"
                         else f"{frame[m].mean():.3f} ± {frame[m].std(ddof=0):.3f}" for m in METRICS},
                      "met_bar": f"{sum(met.values())} of {len(met)}" if label == "change" else ""})
