@@ -19,6 +19,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from features.errors import InputError, run_command  # noqa: E402
 from features.quiet import quiet_terminal  # noqa: E402
 
 sys.argv[1:] = quiet_terminal(sys.argv[1:])  # the same quiet terminal as every command (--verbose shows chatter)
@@ -108,5 +109,18 @@ def main() -> int:
     return 0
 
 
+def demo() -> int:
+    """``main`` with the commands' one-line errors; a folder left by an older demo gets the make-level fix."""
+
+    def body() -> None:
+        try:
+            main()
+        except InputError as error:
+            raise InputError(f"{error} (make demo: `make clean` removes its folder, or run `make demo OUT=<new folder>`)"
+                             ) from error
+
+    return run_command(body)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(demo())
