@@ -79,7 +79,8 @@ def ensemble(args: EnsembleArgs) -> Path:
     for run in runs:
         if not run.is_dir():
             raise InputError(f"{run}: run directory not found; pass the --trainer.default_root_dir of a `mil fit` run")
-    data = [data_settings(run) for run in runs]
+    configs = [read_config(run) for run in runs]
+    data = [data_settings(config) for config in configs]
     for run, settings in zip(runs[1:], data[1:]):
         for key in DATA_KEYS:
             if settings.get(key) != data[0].get(key):
@@ -95,7 +96,7 @@ def ensemble(args: EnsembleArgs) -> Path:
         n_slides = mean_patch_scores(runs, tmp) if args.patch_scores == "mean" else copy_patch_scores(runs[0], tmp)
         record = {"members": [str(run) for run in runs], "data": data[0], "prediction_files": written,
                   "patch_scores": args.patch_scores, "patch_score_slides": n_slides,
-                  "member_settings": [member_settings(run) for run in runs],
+                  "member_settings": [member_settings(run, config) for run, config in zip(runs, configs)],
                   "versions": versions(), "written": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         (tmp / ENSEMBLE_NAME).write_text(json.dumps(record, indent=1) + "\n")
         # Only the data every member shares: what readers of a run (the viewer, another ensemble) look up there.
@@ -110,16 +111,14 @@ def ensemble(args: EnsembleArgs) -> Path:
     return out
 
 
-def data_settings(run: Path) -> dict:
+def data_settings(config: dict) -> dict:
     """The ``data`` settings a member read (from the config.yaml LightningCLI saved)."""
-    config = read_config(run)
     values = config.get("data") or {}
     return {key: values.get(key) for key in DATA_KEYS}
 
 
-def member_settings(run: Path) -> dict:
+def member_settings(run: Path, config: dict) -> dict:
     """Seed, model and best checkpoint of a member, so the ensemble can be traced to its parts."""
-    config = read_config(run)
     summary = run / "fit_summary.json"
     return {"run": str(run), "seed_everything": config.get("seed_everything"),
             "data_seed": (config.get("data") or {}).get("seed"), "model": config.get("model"),

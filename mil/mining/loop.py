@@ -73,7 +73,7 @@ class Stages:
 
     def run(self, name: str, body: Callable[[], object], settings: Any, inputs: Iterable[Path | str] = (),
             partial: Path | None = None) -> None:
-        record = {"settings": self.spell(json.loads(json.dumps(settings, default=str))),
+        record = {"settings": self.spell(without_display(json.loads(json.dumps(settings, default=str)))),
                   "inputs": {self.spell(str(path)): fingerprint(str(path)) for path in inputs}}
         marker = self.marker(name)
         if marker.is_file():
@@ -131,11 +131,11 @@ DISPLAY_ONLY = frozenset({"trainer.enable_model_summary", "trainer.enable_progre
 
 def argv_settings(argv: list[str]) -> dict[str, str]:
     """``["--trainer.max_epochs", "2", ...]`` -> ``{"trainer.max_epochs": "2"}``: a marker names what differs."""
-    return without_display({key.removeprefix("--"): value for key, value in zip(argv[::2], argv[1::2])})
+    return {key.removeprefix("--"): value for key, value in zip(argv[::2], argv[1::2])}
 
 
 def without_display(settings: Any) -> Any:
-    """A command line's settings less those that only change what it prints (``DISPLAY_ONLY``)."""
+    """A stage's settings less those that only change what it prints (``DISPLAY_ONLY``); others pass as they are."""
     if not isinstance(settings, dict):
         return settings
     return {key: value for key, value in settings.items() if key not in DISPLAY_ONLY}
@@ -186,10 +186,9 @@ def run_round(args: HNMArgs, step: RoundPlan) -> dict[str, Any]:
     return summary_row(step.index, here, stages.seconds, step.evaluated)
 
 
-def summary_row(index: int, here: RoundPaths, seconds: dict[str, float],
-                evaluated: Path | None = None) -> dict[str, Any]:
+def summary_row(index: int, here: RoundPaths, seconds: dict[str, float], evaluated: Path) -> dict[str, Any]:
     """The round's numbers, from the run it reports (``evaluated``: the seed ensemble, or the first fit)."""
-    metrics = _json((evaluated or here.mil) / "metrics.json")
+    metrics = _json(evaluated / "metrics.json")
     slide = metrics.get("slide", {})
     patch = metrics.get("patch", {})
     test_auc = slide.get("metrics", {}).get("auc", {}) if slide.get("evaluated_split") == "test" else {}
@@ -208,7 +207,7 @@ def summary_row(index: int, here: RoundPaths, seconds: dict[str, float],
         "test_patch_auc": patch.get("pooled_auc"),
         "test_tumor_vs_lookalike_auc": patch.get("tumor_vs_lookalike_auc"),
         # How many slide models those numbers average (the seed ensemble's members, or the one fit).
-        "slide_models": len(_json((evaluated or here.mil) / ENSEMBLE_NAME).get("members", [None])),
+        "slide_models": len(_json(evaluated / ENSEMBLE_NAME).get("members", [None])),
         "n_positive": int(counts.get("positive", 0)),
         "n_hard_negative": int(counts.get("hard_negative", 0)),
         "n_negative": int(counts.get("negative", 0)),

@@ -307,10 +307,10 @@ def test_summary_validation_auc_is_that_of_the_written_predictions(tmp_path):
     metrics = {"slide": {"evaluated_split": "test", "metrics": {"auc": {"value": 0.9}},
                          "validation": {"metrics": {"auc": 0.75}}}, "patch": {}}
     (here.mil / "metrics.json").write_text(json.dumps(metrics))
-    assert loop.summary_row(0, here, {})["val_slide_auc"] == 0.75
+    assert loop.summary_row(0, here, {}, here.mil)["val_slide_auc"] == 0.75
     del metrics["slide"]["validation"]  # a run evaluated without validation predictions: the fit's record
     (here.mil / "metrics.json").write_text(json.dumps(metrics))
-    assert loop.summary_row(0, here, {})["val_slide_auc"] == 1.0
+    assert loop.summary_row(0, here, {}, here.mil)["val_slide_auc"] == 1.0
 
 
 def test_a_round_reports_its_seed_ensemble_where_the_loop_made_one(tmp_path):
