@@ -3,6 +3,10 @@
 Slides are resampled with replacement *within each class* (stratified), so every resample keeps the class
 counts of the evaluated set: AUC stays defined in every resample and the interval reflects the uncertainty of
 this cohort's size, not of its class balance. Percentile intervals; seeded, so reruns give the same numbers.
+
+A class of one slide cannot be resampled: every resample holds that same slide, so an interval would show only
+the other class's spread (with one slide per class, none: a test AUC of 0.000 [0.000, 0.000] from two slides).
+Intervals are then undefined (NaN) rather than falsely narrow.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import numpy as np
 
 DEFAULT_N = 1000
 DEFAULT_LEVEL = 0.95
+MIN_PER_CLASS = 2
+"""Fewest slides a class needs for a stratified bootstrap to say anything about its variation."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,12 @@ def stratified_indices(labels: np.ndarray, n_resamples: int, seed: int) -> np.nd
     return out
 
 
+def smallest_class(labels: np.ndarray) -> int:
+    """Slides in the rarest class present (0 for no slides)."""
+    _, counts = np.unique(np.asarray(labels), return_counts=True)
+    return int(counts.min()) if len(counts) else 0
+
+
 def bootstrap(
     statistic: Callable[[np.ndarray, np.ndarray], Mapping[str, float]],
     labels: np.ndarray,
@@ -56,12 +68,13 @@ def bootstrap(
     """Point estimates of every metric ``statistic`` returns, each with a stratified percentile interval.
 
     ``scores`` may be (N,) or (N, C); rows are resampled together with ``labels``. A metric that is undefined
-    in some resamples (NaN) gets its interval from the resamples where it is defined.
+    in some resamples (NaN) gets its interval from the resamples where it is defined. With a class of fewer than
+    :data:`MIN_PER_CLASS` slides, every interval is NaN (the point estimates stay).
     """
     labels = np.asarray(labels)
     scores = np.asarray(scores)
     point = dict(statistic(labels, scores))
-    if n_resamples <= 0 or len(labels) == 0:
+    if n_resamples <= 0 or len(labels) == 0 or smallest_class(labels) < MIN_PER_CLASS:
         return {name: Interval(value, float("nan"), float("nan")) for name, value in point.items()}
     draws = {name: np.empty(n_resamples) for name in point}
     for row, index in enumerate(stratified_indices(labels, n_resamples, seed)):

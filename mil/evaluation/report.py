@@ -18,7 +18,7 @@ import pandas as pd
 
 from features.errors import InputError
 from features.store import atomic_path
-from mil.evaluation.bootstrap import DEFAULT_LEVEL, DEFAULT_N, bootstrap
+from mil.evaluation.bootstrap import DEFAULT_LEVEL, DEFAULT_N, MIN_PER_CLASS, bootstrap
 from mil.evaluation.metrics import binary_statistic, multiclass_statistic
 from mil.evaluation.thresholds import FIXED, youden_threshold
 
@@ -161,6 +161,11 @@ def evaluate(evaluated: Predictions, val: Predictions | None, split: str, n_resa
     intervals = bootstrap(statistic, evaluated.labels, evaluated.scores, n_resamples, seed, level)
     counts = {evaluated.classes[c] if c < len(evaluated.classes) else str(c): int(n)
               for c, n in zip(*np.unique(evaluated.labels, return_counts=True))}
+    single = [name for name, n in counts.items() if n < MIN_PER_CLASS]
+    if single and n_resamples > 0:
+        notes.append(f"the evaluated split has a single slide of class {' and of class '.join(single)}: a bootstrap cannot resample a "
+                     "class of one, so intervals are undefined (null) and the point values rest on single slides; "
+                     "evaluate on more slides, or over folds with `mil cv`")
     section: dict[str, Any] = {
         "task": "binary" if evaluated.binary else "multiclass",
         "classes": evaluated.classes,

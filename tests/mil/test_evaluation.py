@@ -97,8 +97,11 @@ def test_stratified_resamples_keep_class_counts_even_with_one_positive():
     assert (labels[index].sum(axis=1) == 1).all()  # never a one-class resample
     scores = np.linspace(0, 1, 30)
     intervals = bootstrap(binary_statistic({FIXED_NAME: 0.5}), labels, scores, n_resamples=200, seed=0)
+    # The lone positive is in every resample: an interval would show the normals' spread only, so none is given.
     assert intervals["auc"].value == pytest.approx(1.0)
-    assert np.isfinite(intervals["auc"].low)
+    assert np.isnan(intervals["auc"].low) and np.isnan(intervals["auc"].high)
+    two = bootstrap(binary_statistic({FIXED_NAME: 0.5}), np.array([0] * 28 + [1] * 2), scores, n_resamples=200)
+    assert np.isfinite(two["auc"].low)
 
 
 def test_bootstrap_contains_point_and_is_seeded():
@@ -137,7 +140,7 @@ def test_every_bootstrap_resample_keeps_the_class_counts():
 def test_bootstrap_with_one_resample_one_slide_or_none():
     mean = lambda y, s: {"mean": float(np.mean(s))}  # noqa: E731
     one = bootstrap(mean, np.array([0]), np.array([0.3]), n_resamples=10)["mean"]
-    assert one == Interval(0.3, 0.3, 0.3)  # a single slide resamples to itself
+    assert one.value == 0.3 and np.isnan(one.low) and np.isnan(one.high)  # one slide says nothing of its spread
     single = bootstrap(mean, np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.8, 0.9]), n_resamples=1)["mean"]
     assert np.isfinite(single.low) and single.low == single.high
     off = bootstrap(mean, np.array([0, 1]), np.array([0.1, 0.9]), n_resamples=0)["mean"]
@@ -334,6 +337,21 @@ def test_camelyon_exclusion_holes_are_normal(tmp_path):
     assert truth.n_tumor == 15 and not truth.tumor[hole].any()
     assert slide_truth("s", coords, np.zeros(len(coords)), PATCH, None, 1, 0.5) is None
     assert slide_truth("s", coords, np.zeros(len(coords)), PATCH, None, 0, 0.5).n_tumor == 0
+
+
+def test_one_slide_per_class_gives_no_interval_and_says_why(tmp_path):
+    """Two test slides ranked the wrong way round: AUC 0.000, and a stratified bootstrap resamples each class to its
+    one slide, so every resample gives 0.000 too. [0.000, 0.000] would claim certainty from two slides."""
+    write_predictions(tmp_path / "predictions_val.csv", [0, 1, 0, 1], [0.2, 0.7, 0.4, 0.6], "val")
+    write_predictions(tmp_path / "predictions_test.csv", [0, 1], [0.8, 0.3], "test")
+    slide = write_run_metrics(tmp_path, n_resamples=50)["slide"]
+    assert slide["metrics"]["auc"] == {"value": 0.0, "ci_low": None, "ci_high": None}
+    assert any("a single slide of class 0 and of class 1" in note for note in slide["notes"])
+    assert "| auc | 0.000 | [n/a, n/a] |" in format_slide_table(slide)
+    # One more slide of each class and the interval is back, the note gone.
+    write_predictions(tmp_path / "predictions_test.csv", [0, 1, 0, 1], [0.8, 0.3, 0.2, 0.9], "test")
+    slide = write_run_metrics(tmp_path, n_resamples=50)["slide"]
+    assert slide["metrics"]["auc"]["ci_low"] is not None and not any("single slide" in n for n in slide["notes"])
 
 
 def test_one_class_test_split_reports_undefined_auc(tmp_path):
