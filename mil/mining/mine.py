@@ -131,6 +131,7 @@ def select_patches(table: pd.DataFrame, config: MiningConfig, round_index: int =
     normal = np.flatnonzero(labels == 0)
     hard = _top_fraction(normal, probs, config.neg_ratio, config.min_hard_negatives, config.max_hard_negatives)
     positive, near_hard = _drop_near_hard_negatives(table, positive, hard, config, features)
+    few = few_positives(int(positive.sum()), int(table.loc[labels == 1, "slide_id"].nunique()))
     rest = np.setdiff1d(normal, hard)
     rng = np.random.default_rng([config.seed, round_index])
     n_random = min(len(rest), int(round(config.random_ratio * len(normal))))
@@ -155,7 +156,23 @@ def select_patches(table: pd.DataFrame, config: MiningConfig, round_index: int =
         near_hard["flagged"] if near_hard["applied"] else 0)
     selection.attrs["near_hard_test"] = near_hard
     selection.attrs["candidate_pool"] = pool
+    selection.attrs["positive_count"] = few
     return selection
+
+
+def few_positives(positives: int, tumor_slides: int) -> dict:
+    """Label-free check: fewer positives than training tumor slides?
+
+    Every training tumor slide holds tumor by its label, so a selection that trusts fewer patches than there are
+    such slides leaves some of them without a single tumor example, and the fine-tuning learns tumor from a handful
+    of patches (on small synthetic cohorts, 1-4 positives, the refresh lost patch AUC or found no tumor at all).
+    """
+    warning = None
+    if tumor_slides and positives < tumor_slides:
+        warning = (f"only {positives} positive(s) for {tumor_slides} training tumor slides: the fine-tuning learns "
+                   "tumor from very few patches; compare the rounds on more validation slides or folds before "
+                   "trusting the refresh (chosen_on_val keeps the earlier round on a tie)")
+    return {"positives": positives, "tumor_slides": tumor_slides, "warning": warning}
 
 
 def _twin_test(table: pd.DataFrame, candidates: np.ndarray, config: MiningConfig, round_index: int,
@@ -195,7 +212,7 @@ def _drop_near_hard_negatives(table: pd.DataFrame, positive: np.ndarray, hard: n
     near = near_hard_negatives(table, rows, hard, features, k)
     tumor_slides = int(table.loc[table["label"].to_numpy() == 1, "slide_id"].nunique())
     kept = int(len(rows) - near.sum())
-    applied = kept >= tumor_slides
+    applied = kept >= tumor_slides or kept == len(rows)  # flagging none changes nothing, however few they are
     warning = None if applied else (
         f"the near-hard-negative test (k={k}) would keep {kept} of {len(rows)} positives, fewer than the "
         f"{tumor_slides} training tumor slides; not applied (positives as the twin test left them)")

@@ -263,6 +263,38 @@ def test_near_hard_test_that_would_keep_fewer_positives_than_tumor_slides_is_not
     assert applied["applied"] and applied["warning"] is None
 
 
+def test_fewer_positives_than_tumor_slides_is_flagged(tmp_path):
+    """Capped to 4 tumor positives for 6 training tumor slides: the selection says, label-free, that the refresh
+    rests on few patches; uncapped, it says nothing."""
+    patches = twin_cohort(tmp_path / "features")
+    config = MiningConfig(positives=PositiveSchedule(start=1.0, end=1.0), neg_ratio=0.05, max_positives=4,
+                          twins=TwinFilter(k=20, hard_negative_k=0))
+    capped = select_patches(patches, config, features=tmp_path / "features")
+    positives = capped[capped["kind"] == "positive"]
+    assert len(positives) == 4 and set(positives["truth"]) == {"tumor"}
+    count = capped.attrs["positive_count"]
+    assert count["positives"] == 4 and count["tumor_slides"] == 6
+    assert count["warning"].startswith("only 4 positive(s) for 6 training tumor slides")
+    full = select_patches(patches, replace(config, max_positives=None), features=tmp_path / "features")
+    assert full.attrs["positive_count"]["warning"] is None and full.attrs["positive_count"]["positives"] >= 40
+
+
+def test_a_near_hard_test_that_flags_none_of_few_positives_is_applied_silently(tmp_path, monkeypatch):
+    """Already fewer positives than tumor slides, and the near-hard test flags none: applying it changes nothing,
+    so it must not report itself as skipped (the old line read 'would keep 4 of 4 positives ...; not applied')."""
+    import mil.mining.mine as mine
+
+    patches = twin_cohort(tmp_path / "features")
+    config = MiningConfig(positives=PositiveSchedule(start=1.0, end=1.0), neg_ratio=0.05, max_positives=4,
+                          twins=TwinFilter(k=20, hard_negative_k=5))
+    monkeypatch.setattr(mine, "near_hard_negatives", lambda table, rows, *rest: np.zeros(len(rows), dtype=bool))
+    report = select_patches(patches, config, features=tmp_path / "features").attrs["near_hard_test"]
+    assert report == {"k": 5, "positives": 4, "flagged": 0, "applied": True, "warning": None}
+    monkeypatch.setattr(mine, "near_hard_negatives", lambda table, rows, *rest: np.arange(len(rows)) == 0)
+    report = select_patches(patches, config, features=tmp_path / "features").attrs["near_hard_test"]
+    assert not report["applied"] and "would keep 3 of 4 positives, fewer than the 6" in report["warning"]
+
+
 def test_twin_test_needs_features_for_every_scored_patch(tmp_path):
     patches = twin_cohort(tmp_path / "features")
     patches.loc[patches.index[0], "x"] = 99_999
@@ -334,9 +366,12 @@ def test_candidate_pool_warns_when_most_of_a_tumor_slide_is_a_candidate(tmp_path
     assert report["candidate_pool"]["candidates"] == 160 and report["candidate_pool"]["warning"]
     cli.main(["--scores", str(tmp_path / "run"), "--labels", str(labels_csv), "--out", str(out),
               "--mining.normal_quantile", "0.999"])
-    assert "warning" not in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "warning: positive candidates" not in printed
+    assert "warning: only 3 positive(s) for 4 training tumor slides" in printed  # the raised threshold keeps few
     report = json.loads((tmp_path / "selection_quality.json").read_text())
     assert report["candidate_pool"]["candidates"] == 16 and report["candidate_pool"]["warning"] is None
+    assert report["positive_count"] == {"positives": 3, "tumor_slides": 4, "warning": report["positive_count"]["warning"]}
     with pytest.raises(InputError, match="normal_quantile"):
         cli.main(["--scores", str(tmp_path / "run"), "--labels", str(labels_csv), "--out", str(out),
                   "--mining.normal_quantile", "99.9"])
