@@ -163,9 +163,9 @@ def evaluate(evaluated: Predictions, val: Predictions | None, split: str, n_resa
               for c, n in zip(*np.unique(evaluated.labels, return_counts=True))}
     single = [name for name, n in counts.items() if n < MIN_PER_CLASS]
     if single and n_resamples > 0:
-        notes.append(f"the evaluated split has a single slide of class {' and of class '.join(single)}: a bootstrap cannot resample a "
-                     "class of one, so intervals are undefined (null) and the point values rest on single slides; "
-                     "evaluate on more slides, or over folds with `mil cv`")
+        notes.append(f"the evaluated split has a single slide of class {' and of class '.join(single)}: a "
+                     "bootstrap cannot resample a class of one, so intervals are undefined (null) and the point "
+                     "values rest on single slides; evaluate on more slides, or over folds with `mil cv`")
     section: dict[str, Any] = {
         "task": "binary" if evaluated.binary else "multiclass",
         "classes": evaluated.classes,

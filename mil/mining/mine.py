@@ -130,8 +130,9 @@ def select_patches(table: pd.DataFrame, config: MiningConfig, round_index: int =
     positive = _cap(positive, probs, config.max_positives)
     normal = np.flatnonzero(labels == 0)
     hard = _top_fraction(normal, probs, config.neg_ratio, config.min_hard_negatives, config.max_hard_negatives)
-    positive, near_hard = _drop_near_hard_negatives(table, positive, hard, config, features)
-    few = few_positives(int(positive.sum()), int(table.loc[labels == 1, "slide_id"].nunique()))
+    tumor_slides = int(pd.unique(slide_ids[labels == 1]).size)
+    positive, near_hard = _drop_near_hard_negatives(table, positive, hard, config, features, tumor_slides)
+    few = few_positives(int(positive.sum()), tumor_slides)
     rest = np.setdiff1d(normal, hard)
     rng = np.random.default_rng([config.seed, round_index])
     n_random = min(len(rest), int(round(config.random_ratio * len(normal))))
@@ -197,7 +198,7 @@ def _eligible(twins: TwinResult | None, candidates: np.ndarray, n_rows: int) -> 
 
 
 def _drop_near_hard_negatives(table: pd.DataFrame, positive: np.ndarray, hard: np.ndarray, config: MiningConfig,
-                              features: str | Path | None) -> tuple[np.ndarray, dict | None]:
+                              features: str | Path | None, tumor_slides: int) -> tuple[np.ndarray, dict | None]:
     """Positives without a hard negative among their nearest fellows, and the test's report (None: not run).
 
     The test is not applied when it would leave fewer positives than there are training tumor slides: every such
@@ -210,7 +211,6 @@ def _drop_near_hard_negatives(table: pd.DataFrame, positive: np.ndarray, hard: n
         return positive, None
     rows = np.flatnonzero(positive)
     near = near_hard_negatives(table, rows, hard, features, k)
-    tumor_slides = int(table.loc[table["label"].to_numpy() == 1, "slide_id"].nunique())
     kept = int(len(rows) - near.sum())
     applied = kept >= tumor_slides or kept == len(rows)  # flagging none changes nothing, however few they are
     warning = None if applied else (
