@@ -120,6 +120,19 @@ def differences(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[tu
     return [(key, stored[key], wanted[key]) for key in sorted(set(stored) & set(wanted)) if stored[key] != wanted[key]]
 
 
+def refuse_other_features(recorded: Mapping[str, Any] | None, current: Mapping[str, Any], where: str,
+                          made_from: str, fix: str) -> None:
+    """One line when ``current`` feature settings differ from ``recorded`` ones (what a model or score came from).
+
+    A model applied to features of another encoder of the same width runs without a word and means nothing, so
+    whatever carries a model's or a score's feature settings is compared with the features it meets.
+    """
+    diffs = differences(recorded or {}, current)
+    if diffs:
+        shown = "; ".join(f"{key} {new!r} where {made_from} {old!r}" for key, old, new in diffs[:2])
+        raise InputError(f"{where}: made with {shown}; {fix}")
+
+
 def describe(diffs: list[tuple[str, Any, Any]]) -> str:
     def show(value: Any) -> str:
         return json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else repr(value)

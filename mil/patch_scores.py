@@ -1,13 +1,18 @@
 """The patch-scores format: ``patch_scores/<slide_id>.h5`` in a run directory, written by ``mil test|predict``.
 
 Datasets ``coords`` (N, 2) int64 level-0 top-left corners, ``scores`` (N,) the model's tumor logit per patch
-(higher = more tumor-like) and, where the model has one, ``attention`` (N,). Evaluation, heatmaps and mining all
-read it through this module, so the format lives in one place.
+(higher = more tumor-like) and, where the model has one, ``attention`` (N,). The file attribute
+``feature_settings`` (JSON) holds the settings of the features the model scored (encoder, weights checksum,
+tiling), so a reader that also opens features (mining's twin test) can refuse features of another make.
+Evaluation, heatmaps and mining all read it through this module, so the format lives in one place.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -17,10 +22,12 @@ from features.store import atomic_path, h5_files, safe_slide_id
 
 PATCH_SCORES_DIR = "patch_scores"
 SCORE_DATASETS = {"instance": "scores", "scores": "scores", "attention": "attention"}
+FEATURE_SETTINGS_ATTR = "feature_settings"
 
 
 def write_patch_scores(run_dir: str | Path, slide_id: str, coords: np.ndarray, scores: np.ndarray,
-                       attention: np.ndarray | None = None) -> Path:
+                       attention: np.ndarray | None = None,
+                       feature_settings: Mapping[str, Any] | None = None) -> Path:
     """Write one slide's patch scores atomically; rows align with ``coords``."""
     path = Path(run_dir) / PATCH_SCORES_DIR / f"{safe_slide_id(slide_id)}.h5"
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
@@ -30,7 +37,32 @@ def write_patch_scores(run_dir: str | Path, slide_id: str, coords: np.ndarray, s
             h5.create_dataset("attention", data=attention)
         h5.attrs["slide_id"] = slide_id
         h5.attrs["scores"] = "tumor logit per patch (higher = more tumor-like)"
+        if feature_settings is not None:
+            h5.attrs[FEATURE_SETTINGS_ATTR] = json.dumps(feature_settings, sort_keys=True)
     return path
+
+
+def scored_feature_settings(files: Mapping[str, Path]) -> dict[str, Any] | None:
+    """The settings of the features a folder's scores came from (None: files written before they were recorded).
+
+    Files scored from features of different makes (a folder mixed by two runs) are refused in one line.
+    """
+    found: tuple[Path, str] | None = None
+    for path in files.values():
+        try:
+            with h5py.File(path, "r") as h5:
+                value = h5.attrs.get(FEATURE_SETTINGS_ATTR)
+        except OSError as error:
+            raise InputError(f"{path}: cannot read patch scores ({error}); rerun `mil test` or `mil predict`") from None
+        if value is None:
+            continue
+        value = value.decode() if isinstance(value, bytes) else str(value)
+        if found is None:
+            found = (path, value)
+        elif value != found[1]:
+            raise InputError(f"{path.parent}: patch scores from features of different makes ({found[0].name} vs "
+                             f"{path.name}); rerun `mil predict` into a new run folder")
+    return None if found is None else json.loads(found[1])
 
 
 def find_patch_scores(folder: str | Path) -> dict[str, Path]:

@@ -21,11 +21,14 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from features.errors import InputError
-from features.store import find_feature_files
+from features.provenance import refuse_other_features
+from features.store import file_settings, find_feature_files
 from mil.data.bags import BagDataset, BagItem, BalancedSampler, PairBatchSampler, collate_bags
 from mil.data.labels import check_classes, match_features, read_labels, split_of
 
 Split = Literal["train", "val", "test"]
+FEATURES_FIX = ("pass the --data.features the model was trained on, or fit a new run (another "
+                "--trainer.default_root_dir)")
 
 
 class MILDataModule(LightningDataModule):
@@ -122,6 +125,23 @@ class MILDataModule(LightningDataModule):
     def _classes(self, frame: pd.DataFrame) -> int:
         mapped = set(self.label_map.values()) if self.label_map else set()
         return max(2, int(frame["label"].max()) + 1, len(mapped), max(mapped, default=0) + 1)
+
+    @cached_property
+    def feature_settings(self) -> dict:
+        """The settings that made the features (encoder, its weights' checksum, tiling, views, dtype).
+
+        One file speaks for the folder, whose files were checked to agree. Checkpoints carry it (``state_dict``)
+        and patch scores record it, so a model is never applied, resumed or mined on features of another make.
+        """
+        return file_settings(Path(self.table["path"].iloc[0]))
+
+    def state_dict(self) -> dict:
+        return {"feature_settings": self.feature_settings}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Refuse a checkpoint whose model was trained on other features than ``--data.features`` holds."""
+        refuse_other_features(state_dict.get("feature_settings"), self.feature_settings, self.features,
+                              "the checkpoint's model was trained on", FEATURES_FIX)
 
     @property
     def feature_dim(self) -> int:

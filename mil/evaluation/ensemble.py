@@ -33,9 +33,11 @@ import yaml
 
 from features.errors import InputError
 from features.options import parse
+from features.provenance import refuse_other_features
 from features.store import HOST, TMP_MARKER
 from mil.evaluation.report import read_predictions_csv
-from mil.patch_scores import PATCH_SCORES_DIR, find_patch_scores, read_patch_scores, write_patch_scores
+from mil.patch_scores import (PATCH_SCORES_DIR, find_patch_scores, read_patch_scores, scored_feature_settings,
+                              write_patch_scores)
 
 ENSEMBLE_NAME = "ensemble.json"
 PREDICTION_FILES = ("predictions_val.csv", "predictions_test.csv", "predictions.csv")
@@ -86,6 +88,10 @@ def ensemble(args: EnsembleArgs) -> Path:
             if settings.get(key) != data[0].get(key):
                 raise InputError(f"{run}: data.{key} is {settings.get(key)!r} but {runs[0]} read {data[0].get(key)!r}; "
                                  "ensemble only runs of the same features, labels and fold")
+    made = [member_features(run) for run in runs]  # the same folder may have been re-extracted between fits
+    for run, settings in zip(runs[1:], made[1:]):
+        refuse_other_features(made[0], settings or {}, str(run), f"{runs[0]} read features with",
+                              "ensemble only runs of the same features")
     # Named like every other temporary of this project, so a killed run's leftover is recognised and cleaned.
     tmp = out.with_name(f"{out.name}{TMP_MARKER}{os.getpid()}-{uuid.uuid4().hex[:8]}-{HOST}")
     tmp.mkdir(parents=True)
@@ -94,7 +100,8 @@ def ensemble(args: EnsembleArgs) -> Path:
         if not written:
             raise InputError(f"{runs[0]}: holds no predictions CSV; run `mil fit` or `mil test` first")
         n_slides = mean_patch_scores(runs, tmp) if args.patch_scores == "mean" else copy_patch_scores(runs[0], tmp)
-        record = {"members": [str(run) for run in runs], "data": data[0], "prediction_files": written,
+        record = {"members": [str(run) for run in runs], "data": data[0], "feature_settings": made[0],
+                  "prediction_files": written,
                   "patch_scores": args.patch_scores, "patch_score_slides": n_slides,
                   "member_settings": [member_settings(run, config) for run, config in zip(runs, configs)],
                   "versions": versions(), "written": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -123,6 +130,18 @@ def member_settings(run: Path, config: dict) -> dict:
     return {"run": str(run), "seed_everything": config.get("seed_everything"),
             "data_seed": (config.get("data") or {}).get("seed"), "model": config.get("model"),
             "fit_summary": json.loads(summary.read_text()) if summary.is_file() else None}
+
+
+def member_features(run: Path) -> dict | None:
+    """Settings of the features a member was trained on (its last checkpoint), else those its scores came from."""
+    from mil.training.cli import CHECKPOINTS, LAST, load_checkpoint  # Lightning: only when a member is read
+
+    checkpoint = run / CHECKPOINTS / LAST
+    if checkpoint.is_file():
+        return load_checkpoint(checkpoint).get("MILDataModule", {}).get("feature_settings")
+    if (run / PATCH_SCORES_DIR).is_dir():
+        return scored_feature_settings(find_patch_scores(run))
+    return None
 
 
 def read_config(run: Path) -> dict:
@@ -181,6 +200,7 @@ def mean_patch_scores(runs: list[Path], out: Path) -> int:
         if set(found) != set(files[0]):
             raise InputError(f"{run / PATCH_SCORES_DIR}: scores other slides than {runs[0] / PATCH_SCORES_DIR}; "
                              "ensemble runs of one cohort")
+    made_from = scored_feature_settings(files[0])
     for slide_id in sorted(files[0]):
         coords, scores, attention = read_member(files[0][slide_id])
         order = {tuple(xy): i for i, xy in enumerate(coords.tolist())}
@@ -199,7 +219,7 @@ def mean_patch_scores(runs: list[Path], out: Path) -> int:
             else:
                 attention_parts = [None]
         mean_attention = None if attention_parts[0] is None else np.mean(attention_parts, axis=0)
-        write_patch_scores(out, slide_id, coords, score_sum / len(runs), mean_attention)
+        write_patch_scores(out, slide_id, coords, score_sum / len(runs), mean_attention, made_from)
     return len(files[0])
 
 

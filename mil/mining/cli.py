@@ -15,10 +15,12 @@ import pandas as pd
 
 from features.errors import InputError
 from features.options import parse
+from features.provenance import refuse_other_features
 from features.selection import counts_by_kind, write_selection
-from features.store import coords_path, read_attrs
+from features.store import coords_path, file_settings, find_feature_files, read_attrs
 from mil.mining.mine import MiningConfig, read_patch_scores, read_slide_labels, select_patches, training_patch_table
 from mil.mining.quality import selection_quality, truth_categories, write_quality
+from mil.patch_scores import find_patch_scores, scored_feature_settings
 
 QUALITY_NAME = "selection_quality.json"
 
@@ -63,6 +65,8 @@ def mine(args: MineArgs) -> pd.DataFrame:
     train_ids = set(labels.loc[labels["split"] == "train", "slide_id"])
     if not train_ids:
         raise InputError(f"{args.labels}: no slide has split 'train'; mining uses training slides only")
+    if args.features:
+        check_scored_features(args.scores, args.features)
     table = training_patch_table(read_patch_scores(args.scores), labels)
     if table.empty:
         raise InputError(f"{args.scores}: no patch scores for any training slide; run `mil predict "
@@ -93,6 +97,19 @@ def mine(args: MineArgs) -> pd.DataFrame:
     if args.annotations:
         print(quality_line(report))
     return selection
+
+
+def check_scored_features(scores: str, features: str) -> None:
+    """Refuse a ``--features`` folder of another make than the features the scores came from.
+
+    The twin tests compare patches in ``--features``; features of another encoder would pass every shape check
+    and silently decide which positives survive.
+    """
+    scored = scored_feature_settings(find_patch_scores(scores))
+    files = find_feature_files(features)
+    refuse_other_features(scored, file_settings(next(iter(files.values()))), features,
+                          f"the patch scores in {scores} came from features with",
+                          "pass the --features folder the scored model read (its run's --data.features)")
 
 
 def quality_line(report: dict) -> str:

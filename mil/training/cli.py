@@ -45,7 +45,9 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
 from features.errors import InputError, fail
-from mil.data.datamodule import MILDataModule
+from features.provenance import refuse_other_features
+from features.store import file_settings, find_feature_files
+from mil.data.datamodule import FEATURES_FIX, MILDataModule
 from mil.training.best_checkpoint import BestCheckpoint
 from mil.training.module import MILModule
 from mil.training.outputs import RunOutputs, write_json, write_run_metrics
@@ -124,6 +126,7 @@ class MILCLI(LightningCLI):
         finished = (root / SUMMARY).is_file()
         if config.ckpt_path is None:
             if finished:
+                check_run_features(checkpoints / LAST, config.data.features)
                 raise _AlreadyFinished(f"{root}: fit already finished ({root / SUMMARY}); skipping. To train more "
                                        "epochs: --ckpt_path last --trainer.max_epochs N; to retrain: delete the folder")
             if (checkpoints / LAST).is_file():  # a killed fit: resume it rather than start a second history
@@ -226,6 +229,20 @@ def load_checkpoint(path: str | Path) -> dict:
     if not isinstance(state, dict) or not {"state_dict", "pytorch-lightning_version"} <= set(state):
         fail(f"{path}: not a Lightning checkpoint (no state_dict); pass a .ckpt written by `mil fit`")
     return state
+
+
+def check_run_features(checkpoint: Path, features: str | None) -> None:
+    """Refuse to skip a finished fit as done when ``features`` now holds features of another make than it read.
+
+    A resumed fit and ``validate``/``test``/``predict`` meet the same check when Lightning restores the data
+    module's state from the checkpoint (``MILDataModule.load_state_dict``).
+    """
+    if features is None or not checkpoint.is_file() or not Path(features).is_dir():
+        return
+    files = find_feature_files(features)
+    recorded = load_checkpoint(checkpoint).get(MILDataModule.__qualname__, {}).get("feature_settings")
+    refuse_other_features(recorded, file_settings(next(iter(files.values()))), features,
+                          f"the finished fit's {checkpoint} was trained on", FEATURES_FIX)
 
 
 def finished_epochs(state: dict) -> int:

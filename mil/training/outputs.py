@@ -102,15 +102,17 @@ class RunOutputs(Callback):
                 record.update({f"prob_{c}": float(p) for c, p in enumerate(probs)})
             self.rows.append(record)
             if patches:
-                self._write_patch_scores(Path(trainer.default_root_dir), outputs, row, slide_id)
+                self._write_patch_scores(Path(trainer.default_root_dir), outputs, row, slide_id,
+                                         getattr(datamodule, "feature_settings", None))
 
     @staticmethod
-    def _write_patch_scores(run_dir: Path, outputs: dict, row: int, slide_id: str) -> None:
+    def _write_patch_scores(run_dir: Path, outputs: dict, row: int, slide_id: str,
+                            feature_settings: dict | None) -> None:
         valid = outputs["mask"][row]
         attention = outputs["attention"]
         write_patch_scores(run_dir, slide_id, outputs["coords"][row][valid].numpy(),
                            outputs["instance_scores"][row][valid].numpy(),
-                           None if attention is None else attention[row][valid].numpy())
+                           None if attention is None else attention[row][valid].numpy(), feature_settings)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._active(trainer):

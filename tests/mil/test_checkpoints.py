@@ -225,3 +225,53 @@ def test_non_finite_features_stop_fit_and_predict_in_one_line(run, cohort, tmp_p
     assert main(["predict", "--config", str(run / "config.yaml"), "--data.features", str(bad),
                  "--data.predict_split", "train", "--trainer.default_root_dir", str(tmp_path / "p"), *QUIET]) == 2
     assert f"{bad / train}.h5: features row 11 " in one_error_line(capsys)
+
+
+def remake(folder: Path, encoder: str) -> None:
+    """Mark every bag of ``folder`` as made by ``encoder``: same shapes and values, another make."""
+    for path in folder.glob("*.h5"):
+        with h5py.File(path, "r+") as h5:
+            h5["features"].attrs["encoder"] = encoder
+
+
+def test_a_model_is_not_applied_to_features_of_another_make(run, cohort, tmp_path, capsys):
+    """Checkpoints carry the settings of the features they were trained on: test/predict on bags of another encoder
+    of the same width (or a folder re-extracted in place) ran without a word and scored nonsense."""
+    state = torch.load(best_of(run), map_location="cpu", weights_only=True)
+    assert state["MILDataModule"]["feature_settings"]["encoder.name"] == "synthetic"
+    other = tmp_path / "other"
+    shutil.copytree(cohort[0], other)
+    remake(other, "another_encoder")
+    for command in ("test", "predict"):
+        assert main([command, "--config", str(run / "config.yaml"), "--data.features", str(other),
+                     "--trainer.default_root_dir", str(tmp_path / command), *QUIET]) == 2
+        line = one_error_line(capsys)
+        assert str(other) in line and "'another_encoder'" in line and "'synthetic'" in line, line
+        assert not (tmp_path / command / "patch_scores").exists()
+    written = tmp_path / "same"
+    assert main(["predict", "--config", str(run / "config.yaml"), "--trainer.default_root_dir", str(written),
+                 *QUIET]) == 0
+    with h5py.File(next((written / "patch_scores").glob("*.h5"))) as h5:
+        assert json.loads(h5.attrs["feature_settings"])["encoder.name"] == "synthetic"
+
+
+def test_a_fit_whose_features_were_remade_in_place_is_neither_skipped_nor_resumed(cohort, tmp_path, capsys):
+    """A finished fit was skipped as done, and an unfinished one resumed, after its feature folder was re-extracted
+    with another encoder under the same path."""
+    features = tmp_path / "features"
+    shutil.copytree(cohort[0], features)
+    root = tmp_path / "run"
+    command = ["fit", "--config", str(CONFIG), "--data.features", str(features), "--data.labels", str(cohort[1]),
+               "--trainer.default_root_dir", str(root), "--trainer.logger=false", "--trainer.max_epochs=1", *QUIET]
+    assert main(command) == 0
+    remake(features, "another_encoder")
+    assert main(command) == 2
+    line = one_error_line(capsys)
+    assert str(features) in line and "another_encoder" in line and "finished fit" in line, line
+    (root / "fit_summary.json").unlink()  # as if the fit had been killed after its first epoch
+    assert main([*command[:-len(QUIET) - 1], "--trainer.max_epochs=2", *QUIET]) == 2
+    line = one_error_line(capsys)
+    assert str(features) in line and "checkpoint's model was trained on" in line, line
+    remake(features, "synthetic")
+    assert main([*command[:-len(QUIET) - 1], "--trainer.max_epochs=2", *QUIET]) == 0
+    assert epoch_of(root / "checkpoints" / "last.ckpt") == 1

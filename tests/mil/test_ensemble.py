@@ -22,7 +22,8 @@ COORDS = np.array([[0, 0], [0, 64], [64, 0], [64, 64]], dtype=np.int64)
 
 
 def member(root: Path, name: str, slide_scores: list[float], patch_logits: np.ndarray, order: np.ndarray,
-           seed: int, features: str = "feats/resnet", labels: str = "labels.csv") -> Path:
+           seed: int, features: str = "feats/resnet", labels: str = "labels.csv",
+           encoder: str = "resnet50") -> Path:
     """A run folder as `mil fit` leaves it: config.yaml, predictions CSVs and patch_scores/ (rows in ``order``)."""
     run = root / name
     run.mkdir()
@@ -35,7 +36,8 @@ def member(root: Path, name: str, slide_scores: list[float], patch_logits: np.nd
     table[table.split == "test"].iloc[::-1 if seed else 1].to_csv(run / "predictions_test.csv", index=False)
     for slide_index, slide_id in enumerate(SLIDES[2:]):
         logits = patch_logits[slide_index]
-        write_patch_scores(run, slide_id, COORDS[order], logits[order], attention=np.full(4, 0.25))
+        write_patch_scores(run, slide_id, COORDS[order], logits[order], attention=np.full(4, 0.25),
+                           feature_settings={"encoder.name": encoder, "mpp": 0.5})
     return run
 
 
@@ -62,7 +64,9 @@ def test_mean_of_members_joined_on_slide_and_coordinates(two_runs, tmp_path, cap
         np.testing.assert_allclose(logits, (first_logits[slide_index] + second_logits[slide_index]) / 2)
         with h5py.File(out / "patch_scores" / f"{slide_id}.h5") as h5:
             np.testing.assert_allclose(h5["attention"][:], 0.25)
+            assert json.loads(h5.attrs["feature_settings"])["encoder.name"] == "resnet50"  # so mining can check it
     record = json.loads((out / ENSEMBLE_NAME).read_text())
+    assert record["feature_settings"] == {"encoder.name": "resnet50", "mpp": 0.5}
     assert record["members"] == [str(first), str(second)] and record["patch_scores"] == "mean"
     assert [m["seed_everything"] for m in record["member_settings"]] == [0, 1]
     assert yaml.safe_load((out / "config.yaml").read_text())["data"]["features"] == "feats/resnet"
@@ -103,11 +107,14 @@ def test_members_of_other_data_are_refused_in_one_line(two_runs, tmp_path, capsy
     table.loc[table.slide_id == "c", "label"] = 1
     table.to_csv(other_labels / "predictions_test.csv", index=False)
     other_slides = member(tmp_path, "other_slides", [0.1, 0.9, 0.2, 0.6], first_logits, np.arange(4), seed=5)
+    # The same folder name, re-extracted with another encoder between the fits.
+    remade = member(tmp_path, "remade", [0.1, 0.9, 0.2, 0.6], first_logits, np.arange(4), seed=6, encoder="vit_large")
     pd.read_csv(other_slides / "predictions_val.csv").iloc[:1].to_csv(other_slides / "predictions_val.csv", index=False)
 
     out = tmp_path / "ensemble"
     for bad, named in ((other_features, "data.features"), (other_patches, "other patches"),
                        (other_labels, "label of some slides"), (other_slides, "scores other slides"),
+                       (remade, "encoder.name 'vit_large' where"),
                        (first, "--out is one of the --runs")):
         target = first if named.startswith("--out") else out
         assert mil_main(["ensemble", "--runs", f"[{first},{bad}]", "--out", str(target), "--patch_scores", "mean"]) == 2

@@ -295,6 +295,40 @@ def test_a_near_hard_test_that_flags_none_of_few_positives_is_applied_silently(t
     assert not report["applied"] and "would keep 3 of 4 positives, fewer than the 6" in report["warning"]
 
 
+def test_mine_refuses_features_of_another_make_than_the_scored_model_read(tmp_path, capsys):
+    """Patch scores record what made the features they came from; twin tests on another encoder's features of the
+    same shape and tiling would decide which positives survive without a word."""
+    from mil.patch_scores import read_patch_scores as read_patch_scores_file
+    from mil.patch_scores import write_patch_scores
+
+    def made_by(encoder: str) -> None:
+        for path in (tmp_path / "features").glob("*.h5"):
+            with h5py.File(path, "r+") as h5:
+                h5["features"].attrs["encoder"] = encoder
+
+    patches = twin_cohort(tmp_path / "features")
+    for slide_id, group in patches.groupby("slide_id"):
+        write_patch_scores(tmp_path / "run", slide_id, group[["x", "y"]].to_numpy(np.int64), group["score"].to_numpy(),
+                           feature_settings={"encoder.name": "resnet50", "dtype": "float32"})
+    labels = patches.groupby("slide_id")["label"].first().map({1: "tumor", 0: "normal"}).reset_index()
+    labels.assign(split="train").to_csv(tmp_path / "labels.csv", index=False)
+    out = tmp_path / "selection.csv"
+    argv = ["--scores", str(tmp_path / "run"), "--labels", str(tmp_path / "labels.csv"), "--out", str(out),
+            "--features", str(tmp_path / "features")]
+    made_by("vit_large")
+    with pytest.raises(InputError, match="made with encoder.name 'vit_large' where the patch scores .* 'resnet50'"):
+        cli.main(argv)
+    assert not out.exists()
+    made_by("resnet50")
+    cli.main(argv)
+    assert (read_selection(out)["kind"] == "positive").any()
+    # A folder mixed by two runs (one slide rescored from other features) is refused too.
+    coords, scores = read_patch_scores_file(tmp_path / "run" / "patch_scores" / "s00.h5")
+    write_patch_scores(tmp_path / "run", "s00", coords, scores, feature_settings={"encoder.name": "vit_large"})
+    with pytest.raises(InputError, match="patch scores from features of different makes"):
+        cli.main(argv)
+
+
 def test_twin_test_needs_features_for_every_scored_patch(tmp_path):
     patches = twin_cohort(tmp_path / "features")
     patches.loc[patches.index[0], "x"] = 99_999
