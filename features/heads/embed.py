@@ -5,6 +5,7 @@ shared extraction code (so D4 averaging, stored views and the feature-store layo
 from __future__ import annotations
 
 import hashlib
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -43,18 +44,6 @@ def encoder_tag(config: EncoderConfig) -> str:
     return default_tag(config, file_sha256(config.weights) if config.weights else "")
 
 
-def extraction_argv(config: EncoderConfig) -> list[str]:
-    """``--encoder.*`` options reproducing ``config`` on the extraction command line."""
-    argv = ["--encoder.name", config.name, "--encoder.seed", str(config.seed),
-            "--encoder.pretrained", str(config.pretrained).lower(), "--encoder.strict", str(config.strict).lower()]
-    for key in ("weights", "tag", "input_size"):
-        if getattr(config, key) is not None:
-            argv += [f"--encoder.{key}", str(getattr(config, key))]
-    if config.model_kwargs:
-        argv += ["--encoder.model_kwargs", json.dumps(config.model_kwargs)]
-    return argv
-
-
 def embed_points(coco_json: str | Path, image_dir: str | Path, work: str | Path, encoder: EncoderConfig,
                  sampling: PointSampling, tta: str = "none", views: int = 0, batch_size: int = 32,
                  num_workers: int = 0, splits: str | Path | None = None,
@@ -75,22 +64,24 @@ def embed_points(coco_json: str | Path, image_dir: str | Path, work: str | Path,
         raise InputError(f"{missing[0]}: image listed in {coco_json} not found; pass the folder as --data.image_dir")
     coords = table[["image", "x", "y"]].rename(columns={"image": "slide_id"})
     tag = encoder_tag(encoder)
-    key = json.dumps({"coords": coords.to_csv(index=False), "tag": tag, "tta": tta, "views": views,
-                      "mpp": sampling.target_mpp, "patch": sampling.patch_size}, sort_keys=True)
+    key = json.dumps({"coords": coords.to_csv(index=False), "tag": tag, "encoder": dataclasses.asdict(encoder),
+                      "tta": tta, "views": views, "mpp": sampling.target_mpp, "patch": sampling.patch_size},
+                     sort_keys=True)
     out = Path(work) / f"points-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
     out.mkdir(parents=True, exist_ok=True)
     for name, frame in (("slides.csv", slides), ("coords.csv", coords), ("patches.csv", table)):
         if not (out / name).is_file():
             with atomic_path(out / name) as tmp:
                 frame.to_csv(tmp, index=False)
-    from features.extraction.cli import extract
+    from features.extraction.cli import run_extract
+    from features.extraction.extract import ExtractOptions
 
+    options = ExtractOptions(slides=str(out / "slides.csv"), coords=str(out / "coords.csv"), out=str(out),
+                             mpp=sampling.target_mpp, patch_size=sampling.patch_size, tta=tta, views=views,
+                             batch_size=batch_size, num_workers=num_workers, encoder=encoder)
     threads = torch.get_num_threads()  # extraction sets the process-wide thread count; put it back afterwards
     try:
-        extract(["--slides", str(out / "slides.csv"), "--coords", str(out / "coords.csv"), "--out", str(out),
-                 "--mpp", str(sampling.target_mpp), "--patch_size", str(sampling.patch_size), "--tta", tta,
-                 "--views", str(views), "--batch_size", str(batch_size), "--num_workers", str(num_workers),
-                 *extraction_argv(encoder)])
+        run_extract(options)  # the whole encoder config travels: hub, pooling, normalisation and checksum included
     finally:
         torch.set_num_threads(threads)
     return out / "features" / tag, table

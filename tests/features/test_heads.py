@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import h5py
 import numpy as np
 import pandas as pd
 import pytest
@@ -246,6 +247,14 @@ def test_points_are_embedded_through_extraction_with_views(tmp_path):
     assert {path: path.stat().st_mtime_ns for path in stored} == stamps
     again = pd.read_csv(tmp_path / "o2" / "predictions.csv")
     np.testing.assert_allclose(again["score"], predictions["score"], atol=1e-6)
+    # Every encoder setting reaches extraction (normalisation here): it was rebuilt from a few fields, so the
+    # model card's mean/std were dropped and the default-normalised embeddings above were silently reused.
+    card = ["--data.encoder.mean", "[0.1,0.2,0.3]", "--data.encoder.std", "[0.2,0.2,0.2]"]
+    assert features_main([*argv[:-1], str(tmp_path / "o3"), *card]) == 0
+    remade = [p for p in (tmp_path / "emb").glob("points-*/features/*/*.h5") if p not in stamps]
+    assert len(remade) == 4
+    with h5py.File(remade[0]) as h5:
+        assert json.loads(h5["features"].attrs["transform"])["mean"] == pytest.approx([0.1, 0.2, 0.3])
 
 
 @pytest.mark.parametrize("name", ["heads_points", "heads_table", "select", "regimes", "regimes_hard"])
