@@ -92,9 +92,10 @@ class MILModule(LightningModule):
     def _step(self, batch: dict, stage: str) -> dict:
         output = self(batch["features"], batch["mask"])
         labels = batch["label"]
-        results = self._results(batch, output)
         if stage == "predict":
-            return results
+            return self._results(batch, output)
+        # Training batches write nothing: copying their patch scores to the CPU would stall a GPU every step.
+        results = {} if stage == "train" else self._results(batch, output)
         terms = self.loss(output, batch["mask"], labels)
         auxiliary = self.aggregator.auxiliary_loss(output, labels)
         if auxiliary is not None:
