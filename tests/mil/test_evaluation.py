@@ -13,6 +13,7 @@ from sklearn.metrics import (
     accuracy_score, balanced_accuracy_score, f1_score, recall_score, roc_auc_score,
 )
 
+from features.errors import InputError
 from mil.__main__ import main as mil_main
 from mil.evaluation.bootstrap import Interval, bootstrap, stratified_indices
 from mil.evaluation.metrics import binary_statistic, multiclass_statistic
@@ -326,6 +327,24 @@ def test_patch_metrics_expose_a_model_fooled_by_lookalikes(patch_run):
     assert patch["mean_recall_at_k"] == pytest.approx(4 / 9)
     stricter = evaluate_patches(root / "run", root / "features", root / "ann", {"t1": 1}, min_overlap=0.1)
     assert stricter["n_tumor_patches"] == 9 + 6  # the six 1/8-covered neighbours now count as tumor
+
+
+def test_patch_truth_refuses_features_tiled_otherwise_than_the_scores(patch_run):
+    """Patch truth takes each patch's size from --features: a folder of another tiling measured tumor overlap over
+    the wrong squares without a word. Another encoder on the same tiling is fine (only geometry is read)."""
+    import h5py
+
+    root, coords, tumor, lookalike = patch_run
+    path = write_patch_scores(root / "run" / "patch_scores" / "t1.h5", coords, np.where(tumor, 1.0, 0.0))
+    for scored_mpp, encoder, refused in ((0.25, "synthetic", True), (0.5, "another_encoder", False)):
+        with h5py.File(path, "r+") as h5:
+            h5.attrs["feature_settings"] = json.dumps({"mpp": scored_mpp, "encoder.name": encoder})
+        if refused:
+            with pytest.raises(InputError, match="made with mpp 0.5 where the patch scores came from features "
+                                                 "with 0.25"):
+                evaluate_patches(root / "run", root / "features", root / "ann", {"t1": 1})
+        else:
+            assert evaluate_patches(root / "run", root / "features", root / "ann", {"t1": 1})["n_slides"] == 1
 
 
 def test_camelyon_exclusion_holes_are_normal(tmp_path):
