@@ -82,7 +82,8 @@ def versions() -> dict[str, str]:
 
     from features.encoders import package_version
 
-    return {"hnm_mil": package_version(), "torch": str(torch.__version__), "timm": str(timm.__version__)}
+    return {"hnm_mil": package_version(), "torch": str(torch.__version__), "timm": str(timm.__version__),
+            "torch_threads": torch.get_num_threads()}
 
 
 def make_record(kind: str, settings: Mapping[str, Any], recorded: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -93,6 +93,11 @@ class FinetuneArgs:
     """Share of the fine-tuned weights in the saved encoder, the rest being the starting weights (WiSE-FT,
     Wortsman et al. 2022): 1 saves the fine-tuned encoder, 0.5 the midpoint, which keeps more of what the
     starting encoder knew when a few hundred mined patches pull it too far."""
+    soup_seeds: list[int] = field(default_factory=list)
+    """More data seeds: the encoder is fine-tuned from the same start once for ``data.seed`` and once per seed here,
+    and the saved weights are their mean (a uniform model soup, Wortsman et al. 2022). On a few hundred mined
+    patches, which of them share a batch swings a refresh; the mean of several orders is meant to swing less.
+    Each seed costs one more fine-tuning."""
 
 
 class PhaseData(L.LightningDataModule):
@@ -277,13 +282,29 @@ def finetune(args: FinetuneArgs) -> Path:
     selected = selection_items(selection, slide_refs(args.slides), args.coords, args.patch_size_level0)
     if not 0.0 <= args.interpolate <= 1.0:
         raise InputError(f"--interpolate {args.interpolate}: use a share between 0 and 1 (1 = the fine-tuned weights)")
-    module = ContrastiveEncoder(args.encoder, args.optim)
-    start_weights = {key: value.detach().clone() for key, value in module.encoder.state_dict().items()}
-    transform, size = view_transform(module, selected.items[0].geometry.patch_size, args.data.image_size, args.augment)
-    data = PhaseData(selected, ViewsDataset(selected.items, transform, selected.labels), args.phases, args.data)
-    trainer = make_trainer(args.trainer, str(run_dir(out)), reload_dataloaders_every_n_epochs=1)
-    trainer.fit(module, datamodule=data)
-    check_not_collapsed(trainer, str(out))
+    seeds = list(dict.fromkeys([args.data.seed, *args.soup_seeds]))
+    soup: dict[str, torch.Tensor] = {}
+    for seed in seeds:
+        if seed != seeds[0]:  # the first run is seeded above, as a single fine-tuning always was
+            L.seed_everything(seed, workers=True, verbose=False)
+        module = ContrastiveEncoder(args.encoder, args.optim)
+        weights = {key: value.detach().clone() for key, value in module.encoder.state_dict().items()}
+        if seed == seeds[0]:
+            start_weights = weights
+            transform, size = view_transform(module, selected.items[0].geometry.patch_size, args.data.image_size,
+                                             args.augment)
+        elif any(not torch.equal(weights[key], start_weights[key]) for key in start_weights):
+            raise InputError(f"--soup_seeds {args.soup_seeds}: the encoder starts from other weights under seed {seed} "
+                             "(a random init that follows the global seed); a soup needs one start")
+        data = PhaseData(selected, ViewsDataset(selected.items, transform, selected.labels), args.phases,
+                         replace(args.data, seed=seed))
+        folder = run_dir(out) if len(seeds) == 1 else run_dir(out) / f"seed{seed}"
+        trainer = make_trainer(args.trainer, str(folder), reload_dataloaders_every_n_epochs=1)
+        trainer.fit(module, datamodule=data)
+        check_not_collapsed(trainer, str(out))
+        add_to_soup(soup, module.encoder)
+    if len(seeds) > 1:
+        serve_soup(module.encoder, soup, len(seeds))
     if args.interpolate < 1.0:
         interpolate_weights(module.encoder, start_weights, args.interpolate)
     seconds = time.perf_counter() - started
@@ -299,6 +320,22 @@ def finetune(args: FinetuneArgs) -> Path:
         })
         print(f"wrote {out} ({len(selected.items)} selected patches, {trainer.global_step} steps, {seconds:.1f} s)")
     return out
+
+
+def add_to_soup(soup: dict[str, torch.Tensor], model: nn.Module) -> None:
+    """Add ``model``'s floating-point weights and buffers to the running sums in ``soup``."""
+    for key, value in model.state_dict().items():
+        if value.is_floating_point():
+            total = soup.get(key)
+            soup[key] = value.detach().double().clone() if total is None else total + value.detach().double()
+
+
+def serve_soup(model: nn.Module, soup: dict[str, torch.Tensor], count: int) -> None:
+    """Load the mean of ``count`` fine-tuned encoders into ``model`` (integer buffers stay as the last one left them)."""
+    with torch.no_grad():
+        for key, value in model.state_dict().items():
+            if key in soup:
+                value.copy_((soup[key] / count).to(value))
 
 
 def interpolate_weights(model: nn.Module, start: dict[str, torch.Tensor], share: float) -> None:

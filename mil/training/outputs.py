@@ -38,6 +38,7 @@ def versions() -> dict[str, str]:
             found[name] = "not installed"
     found["python"] = platform.python_version()
     found["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    found["torch_threads"] = str(torch.get_num_threads())  # float sums, so trained weights, depend on it
     return found
 
 

@@ -188,6 +188,27 @@ def test_finetune_interpolate_saves_the_point_between_start_and_fine_tuned_weigh
         finetune.main([*run, "--out", str(tmp_path / "bad.safetensors"), "--interpolate", "1.5"])
 
 
+def test_finetune_soup_saves_the_mean_of_the_seeds_fine_tuned_encoders(cohort, tmp_path):
+    """--soup_seeds [1] fine-tunes from the same start under data seeds 0 and 1 and saves their mean; the two
+    single-seed runs give the end points to check against."""
+    from safetensors.torch import load_file
+
+    start = save_encoder_weights(build_encoder(EncoderConfig(name="resnet10t", seed=1)).model,
+                                 tmp_path / "start.safetensors")
+    run = ["--slides", str(cohort["slides"]), "--coords", str(cohort["store"]), "--selection", str(cohort["selection"]),
+           "--encoder.weights", str(start), "--data.batch_size", "4", "--trainer.max_epochs", "2", *FAST]
+    for seed in (0, 1):
+        finetune.main([*run, "--data.seed", str(seed), "--out", str(tmp_path / f"seed{seed}.safetensors")])
+    finetune.main([*run, "--soup_seeds", "[1]", "--out", str(tmp_path / "soup.safetensors")])
+    first, second, soup = (load_file(str(tmp_path / f"{name}.safetensors")) for name in ("seed0", "seed1", "soup"))
+    differ = [key for key, value in first.items() if value.is_floating_point() and not torch.equal(value, second[key])]
+    assert differ  # the two orders trained two different encoders
+    for key in differ:
+        torch.testing.assert_close(soup[key], (first[key] + second[key]) / 2, rtol=1e-5, atol=1e-6)
+    sidecar = json.loads((tmp_path / "soup.safetensors.json").read_text())
+    assert sidecar["settings"]["soup_seeds"] == [1] and sidecar["torch_threads"] == torch.get_num_threads()
+
+
 def test_finetune_cosine_schedule_ends_at_zero_when_phases_differ_in_length(cohort, tmp_path):
     """Positive phase first (3 steps), then hard negatives (2): Lightning's estimate, 3 x 2 = 6 steps, would leave
     the schedule short of its end; the count per phase makes the last step's learning rate zero."""

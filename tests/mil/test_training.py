@@ -39,7 +39,9 @@ def run(cohort, tmp_path_factory) -> Path:
 
 def test_fit_writes_run_directory_and_learns(run, cohort):
     assert (run / "config.yaml").is_file() and (run / "versions.json").is_file()
-    assert json.loads((run / "versions.json").read_text())["torch"].split("+")[0] == torch.__version__.split("+")[0]
+    recorded = json.loads((run / "versions.json").read_text())
+    assert recorded["torch"].split("+")[0] == torch.__version__.split("+")[0]
+    assert int(recorded["torch_threads"]) >= 1  # trained weights depend on it (docs/method.md)
     checkpoints = sorted((run / "checkpoints").glob("*.ckpt"))
     assert any(p.name.startswith("best-") for p in checkpoints) and (run / "checkpoints" / "last.ckpt").is_file()
     assert (run / "csv").is_dir() and (run / "wandb").is_dir()
