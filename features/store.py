@@ -340,8 +340,9 @@ def file_settings(path: Path) -> dict[str, Any]:
     return attrs_settings(coord_attrs, feature_attrs)
 
 
-def check_same_settings(paths: Iterable[Path]) -> None:
-    """Refuse a feature folder whose files were made with different encoders, checksums, transforms or geometry.
+def check_same_settings(paths: Iterable[Path]) -> dict[str, Any] | None:
+    """Refuse a feature folder whose files were made with different encoders, checksums, transforms or geometry;
+    return the settings they share (None for no file).
 
     Bags from two encoders of one dimension would train without a word and mean nothing; CLAM/TRIDENT files
     without these attributes compare only on what they carry (the stored ``dtype``).
@@ -360,6 +361,12 @@ def check_same_settings(paths: Iterable[Path]) -> None:
             raise InputError(f"{path.parent}: files were made with different settings ({shown}: {first[0].name} vs "
                              f"{path.name}); keep one extraction per folder: rerun `features extract` with one setting "
                              "into a new --out")
+    return None if first is None else first[1]
+
+
+def folder_settings(folder: str | Path) -> dict[str, Any]:
+    """The settings a feature folder's files share (checked to agree): what a model or score made from it records."""
+    return check_same_settings(find_feature_files(folder, check=False).values()) or {}
 
 
 def h5_files(folder: Path) -> list[Path]:

@@ -4,8 +4,8 @@ shared extraction code (so D4 averaging, stored views and the feature-store layo
 
 from __future__ import annotations
 
-import hashlib
 import dataclasses
+import hashlib
 import json
 import time
 from pathlib import Path

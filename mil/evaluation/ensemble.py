@@ -134,11 +134,11 @@ def member_settings(run: Path, config: dict) -> dict:
 
 def member_features(run: Path) -> dict | None:
     """Settings of the features a member was trained on (its last checkpoint), else those its scores came from."""
-    from mil.training.cli import CHECKPOINTS, LAST, load_checkpoint  # Lightning: only when a member is read
+    from mil.training.cli import CHECKPOINTS, LAST, trained_feature_settings  # Lightning: only when a member is read
 
     checkpoint = run / CHECKPOINTS / LAST
     if checkpoint.is_file():
-        return load_checkpoint(checkpoint).get("MILDataModule", {}).get("feature_settings")
+        return trained_feature_settings(checkpoint)
     if (run / PATCH_SCORES_DIR).is_dir():
         return scored_feature_settings(find_patch_scores(run))
     return None

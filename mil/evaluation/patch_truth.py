@@ -18,7 +18,7 @@ import numpy as np
 
 from features.errors import InputError
 from features.provenance import refuse_other_features
-from features.store import file_settings, find_feature_files
+from features.store import find_feature_files, folder_settings
 from mil.evaluation.metrics import binary_auc
 from mil.patch_scores import find_patch_scores, read_patch_scores, scored_feature_settings
 
@@ -113,16 +113,15 @@ def _mean(values) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def check_same_tiling(score_files: dict[str, Path], feature_files: dict[str, Path],
-                      features_folder: str | Path) -> None:
+def check_same_tiling(score_files: dict[str, Path], features_folder: str | Path) -> None:
     """Refuse a ``--features`` folder tiled otherwise than the features the scores came from.
 
     Patch truth takes each patch's level-0 size from ``--features``; another tiling (mpp, patch size, overlap)
     would measure tumor overlap over the wrong squares. The encoder may differ: only geometry is read here.
     """
     scored = scored_feature_settings(score_files) or {}
-    here = file_settings(next(iter(feature_files.values())))
-    refuse_other_features({k: v for k, v in scored.items() if k in TILING}, here, str(features_folder),
+    refuse_other_features({k: v for k, v in scored.items() if k in TILING}, folder_settings(features_folder),
+                          str(features_folder),
                           "the patch scores came from features with",
                           "pass --features tiled like the features the scored model read")
 
@@ -140,8 +139,8 @@ def evaluate_patches(scores_folder: str | Path, features_folder: str | Path, ann
     if not annotations_folder.is_dir():
         raise InputError(f"{annotations_folder}: annotation folder not found; pass the folder of XML/GeoJSON files")
     score_files = find_patch_scores(scores_folder)
-    feature_files = find_feature_files(features_folder)
-    check_same_tiling(score_files, feature_files, features_folder)
+    check_same_tiling(score_files, features_folder)
+    feature_files = find_feature_files(features_folder, check=False)  # the check above read every file's settings
     truths, skipped = [], {}
     for slide_id, path in score_files.items():
         if slide_ids is not None and slide_id not in slide_ids:

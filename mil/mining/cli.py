@@ -17,7 +17,7 @@ from features.errors import InputError
 from features.options import parse
 from features.provenance import refuse_other_features
 from features.selection import counts_by_kind, write_selection
-from features.store import coords_path, file_settings, find_feature_files, read_attrs
+from features.store import coords_path, folder_settings, read_attrs
 from mil.mining.mine import MiningConfig, read_patch_scores, read_slide_labels, select_patches, training_patch_table
 from mil.mining.quality import selection_quality, truth_categories, write_quality
 from mil.patch_scores import find_patch_scores, scored_feature_settings
@@ -105,9 +105,7 @@ def check_scored_features(scores: str, features: str) -> None:
     The twin tests compare patches in ``--features``; features of another encoder would pass every shape check
     and silently decide which positives survive.
     """
-    scored = scored_feature_settings(find_patch_scores(scores))
-    files = find_feature_files(features)
-    refuse_other_features(scored, file_settings(next(iter(files.values()))), features,
+    refuse_other_features(scored_feature_settings(find_patch_scores(scores)), folder_settings(features), features,
                           f"the patch scores in {scores} came from features with",
                           "pass the --features folder the scored model read (its run's --data.features)")
 

@@ -46,7 +46,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
 from features.errors import InputError, fail
 from features.provenance import refuse_other_features
-from features.store import file_settings, find_feature_files
+from features.store import folder_settings
 from mil.data.datamodule import FEATURES_FIX, MILDataModule
 from mil.training.best_checkpoint import BestCheckpoint
 from mil.training.module import MILModule
@@ -239,10 +239,13 @@ def check_run_features(checkpoint: Path, features: str | None) -> None:
     """
     if features is None or not checkpoint.is_file() or not Path(features).is_dir():
         return
-    files = find_feature_files(features)
-    recorded = load_checkpoint(checkpoint).get(MILDataModule.__qualname__, {}).get("feature_settings")
-    refuse_other_features(recorded, file_settings(next(iter(files.values()))), features,
+    refuse_other_features(trained_feature_settings(checkpoint), folder_settings(features), features,
                           f"the finished fit's {checkpoint} was trained on", FEATURES_FIX)
+
+
+def trained_feature_settings(checkpoint: Path) -> dict | None:
+    """The settings of the features a checkpoint's model was trained on (None: written before they were kept)."""
+    return load_checkpoint(checkpoint).get(MILDataModule.__qualname__, {}).get("feature_settings")
 
 
 def finished_epochs(state: dict) -> int:
