@@ -1,13 +1,15 @@
-"""``mil evaluate``: slide metrics with bootstrap CIs from a run (or predictions CSVs); patch metrics when
-annotations are given. Results are merged into ``metrics.json`` beside the predictions."""
+"""``mil evaluate``: slide metrics with bootstrap CIs, and patch metrics when annotations are given.
+
+It reads a run (or predictions CSVs) and merges its results into ``metrics.json`` beside the predictions."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
-from jsonargparse import ActionConfigFile, ArgumentParser
 
 from features.errors import InputError
+from features.options import parse
 from mil.evaluation.bootstrap import DEFAULT_N
 from mil.evaluation.patch_truth import evaluate_patches, format_patch_table
 from mil.evaluation.report import (
@@ -16,33 +18,47 @@ from mil.evaluation.report import (
 )
 
 
-def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="mil evaluate", description=__doc__)
-    parser.add_argument("--config", action=ActionConfigFile)
-    parser.add_argument("--run", type=str | None, default=None,
-                        help="run directory holding predictions_val.csv / predictions_test.csv / predictions.csv")
-    parser.add_argument("--predictions", type=str | None, default=None, help="predictions CSV to evaluate")
-    parser.add_argument("--val_predictions", type=str | None, default=None,
-                        help="validation predictions CSV, where the thresholds are chosen")
-    parser.add_argument("--out", type=str | None, default=None,
-                        help="folder for metrics.json and roc.png (default: the run, or the predictions' folder)")
-    parser.add_argument("--annotations", type=str | None, default=None, help="folder of ASAP XML / GeoJSON files")
-    parser.add_argument("--features", type=str | None, default=None, help="features folder (patch geometry)")
-    parser.add_argument("--patch_size_level0", type=int | None, default=None,
-                        help="patch side in level-0 pixels, for feature files without geometry (CLAM)")
-    parser.add_argument("--patch_scores", type=str | None, default=None,
-                        help="patch_scores folder (default: <run>/patch_scores)")
-    parser.add_argument("--min_overlap", type=float, default=0.5, help="tumor overlap that makes a tumor patch")
-    parser.add_argument("--top_k", type=int, default=10, help="k for top-k recall/precision per tumor slide")
-    parser.add_argument("--score", type=str, default="instance",
-                        help="patch score to judge: instance (tumor logit) or attention")
-    parser.add_argument("--n_bootstrap", type=int, default=DEFAULT_N, help="bootstrap resamples (0: no CIs)")
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    return parser
+@dataclass
+class EvaluateArgs:
+    """What ``mil evaluate`` reads.
+
+    Attributes:
+        run: run directory holding predictions_val.csv / predictions_test.csv / predictions.csv.
+        predictions: predictions CSV to evaluate (instead of a run).
+        val_predictions: validation predictions CSV, where the thresholds are chosen.
+        out: folder for metrics.json and roc.png (default: the run, or the predictions' folder).
+        annotations: folder of ASAP XML / GeoJSON files: enables the patch metrics.
+        features: features folder (patch geometry), needed with annotations.
+        patch_size_level0: patch side in level-0 pixels, for feature files without geometry (CLAM).
+        patch_scores: patch_scores folder (default: <run>/patch_scores).
+        min_overlap: tumor overlap that makes a tumor patch.
+        top_k: k for top-k recall/precision per tumor slide.
+        score: patch score to judge: instance (tumor logit) or attention.
+        n_bootstrap: bootstrap resamples (0: no CIs).
+        seed: bootstrap seed.
+    """
+
+    run: str | None = None
+    predictions: str | None = None
+    val_predictions: str | None = None
+    out: str | None = None
+    annotations: str | None = None
+    features: str | None = None
+    patch_size_level0: int | None = None
+    patch_scores: str | None = None
+    min_overlap: float = 0.5
+    top_k: int = 10
+    score: str = "instance"
+    n_bootstrap: int = DEFAULT_N
+    seed: int = 0
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    evaluate(parse(EvaluateArgs, argv, "mil evaluate", __doc__ or ""))
+
+
+def evaluate(args: EvaluateArgs) -> None:
+    """Slide metrics (and patch metrics with annotations) of a run or predictions CSVs, into metrics.json."""
     if bool(args.run) == bool(args.predictions):
         raise InputError("mil evaluate: pass exactly one of --run DIR or --predictions CSV")
     if args.run:

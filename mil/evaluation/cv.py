@@ -18,6 +18,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from features.errors import InputError
 from features.store import atomic_path
 from mil.evaluation.report import METRICS_NAME
+from mil.training.command import MILCommand, dotted
 
 SUMMARY_NAME, RUNS_NAME = "cv_summary.csv", "cv_runs.csv"
 
@@ -99,6 +100,16 @@ def is_finished(run_dir: Path) -> bool:
         return False
 
 
+def fit_command(fit_config: str, given: list[str]) -> MILCommand:
+    """``fit_config`` with the ``mil fit`` options given after ``--``, read once by ``mil fit``'s own parser (so a
+    bad one stops ``mil cv`` before the first fold trains); each fold's run gets these settings, never a command line."""
+    from mil.training.cli import parsed_settings
+
+    settings = parsed_settings("fit", ["--config", fit_config, *given])
+    settings.pop("config", None)
+    return MILCommand(settings=dotted(settings))
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="mil cv", description=__doc__ + "\nArguments after `--` go to every `mil fit`.")
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of these options")
@@ -121,6 +132,7 @@ def main(argv: list[str] | None = None) -> None:
         raise InputError("mil cv: no folds or seeds to run")
     if not Path(args.fit_config).is_file():
         raise InputError(f"{args.fit_config}: config not found; pass a `mil fit` YAML")
+    command: MILCommand | None = None  # read when a fold needs training: finished runs need no settings
     out = Path(args.out)
     run_dirs = []
     for fold in folds:
@@ -133,8 +145,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{run_dir.name}: training")
             from mil.training.cli import fit
 
-            fit(["--config", args.fit_config, *extra, "--data.fold", str(fold), "--seed_everything", str(seed),
-                 "--trainer.default_root_dir", str(run_dir)])
+            command = command or fit_command(args.fit_config, extra)
+            fit(command.updated({"data.fold": fold, "seed_everything": seed, "trainer.default_root_dir": str(run_dir)}))
             if not is_finished(run_dir):
                 raise RuntimeError(f"{run_dir}: `mil fit` finished without writing slide metrics to {METRICS_NAME}")
     summary = write_summary(out, run_dirs)

@@ -49,6 +49,7 @@ from features.store import atomic_path
 from mil.evaluation.ensemble import ENSEMBLE_NAME
 from mil.mining.provenance import FIX, SUMMARY_NAME, code_fingerprint, first_difference, fingerprint, prepare_folder
 from mil.mining.settings import HNMArgs, RoundPaths, RoundPlan, plan, round_paths
+from mil.training.command import yaml_texts
 
 __all__ = ["HNMArgs", "SUMMARY_NAME", "main", "run", "write_summary"]
 
@@ -129,11 +130,6 @@ def spelling(args: HNMArgs) -> Callable[[Any], Any]:
 DISPLAY_ONLY = frozenset({"trainer.enable_model_summary", "trainer.enable_progress_bar"})
 
 
-def argv_settings(argv: list[str]) -> dict[str, str]:
-    """``["--trainer.max_epochs", "2", ...]`` -> ``{"trainer.max_epochs": "2"}``: a marker names what differs."""
-    return {key.removeprefix("--"): value for key, value in zip(argv[::2], argv[1::2])}
-
-
 def without_display(settings: Any) -> Any:
     """A stage's settings less those that only change what it prints (``DISPLAY_ONLY``); others pass as they are."""
     if not isinstance(settings, dict):
@@ -146,7 +142,7 @@ def run_round(args: HNMArgs, step: RoundPlan) -> dict[str, Any]:
     from features.extraction.cli import run_extract, run_tile
     from features.training.finetune import finetune
     from features.training.pretrain import pretrain
-    from mil.evaluation.cli import main as evaluate
+    from mil.evaluation.cli import evaluate
     from mil.evaluation.ensemble import ensemble
     from mil.mining.cli import mine
     from mil.training.cli import best_checkpoint, fit, predict
@@ -169,19 +165,19 @@ def run_round(args: HNMArgs, step: RoundPlan) -> dict[str, Any]:
     upstream = [done(first, "tile"), *([done(here, "pretrain")] if step.pretrain is not None else []),
                 *([done(here, "finetune")] if step.finetune is not None else [])]
     stages.run("extract", lambda: run_extract(step.extract), asdict(step.extract), upstream)
-    stages.run("fit", lambda: fit(step.fit), argv_settings(step.fit), [args.mil_config, done(here, "extract")],
+    stages.run("fit", lambda: fit(step.fit), step.fit.recorded(), [args.mil_config, done(here, "extract")],
                partial=here.mil)
-    for seed, argv in step.fit_seeds.items():
-        stages.run(f"fit_seed{seed}", lambda argv=argv: fit(argv), argv_settings(argv),
+    for seed, command in step.fit_seeds.items():
+        stages.run(f"fit_seed{seed}", lambda command=command: fit(command), command.recorded(),
                    [args.mil_config, done(here, "extract")], partial=here.mil_seed(seed))
     if step.ensemble is not None:
         stages.run("ensemble", lambda: ensemble(step.ensemble), asdict(step.ensemble),
                    [done(here, "fit"), *(done(here, f"fit_seed{seed}") for seed in step.fit_seeds)],
                    partial=here.mil_ensemble)
     reported = done(here, "ensemble" if step.ensemble is not None else "fit")
-    stages.run("predict_train", lambda: predict([*step.predict, "--ckpt_path", best_checkpoint(here.mil)]),
-               argv_settings(step.predict), [done(here, "fit")], partial=here.mil_train)
-    stages.run("evaluate", lambda: evaluate(step.evaluate), argv_settings(step.evaluate), [reported])
+    stages.run("predict_train", lambda: predict(step.predict.updated({"ckpt_path": best_checkpoint(here.mil)})),
+               step.predict.recorded(), [done(here, "fit")], partial=here.mil_train)
+    stages.run("evaluate", lambda: evaluate(step.evaluate), yaml_texts(step.evaluate_given), [reported])
     stages.run("mine", lambda: mine(step.mine), asdict(step.mine), [done(here, "predict_train"), done(here, "extract")])
     return summary_row(step.index, here, stages.seconds, step.evaluated)
 

@@ -3,15 +3,14 @@
 ``mil hnm`` reads one YAML file. Its ``*_options`` sections are read into the dataclass (or LightningCLI parser)
 of the command each stage runs, with that command's own checks, so a misspelt key or a wrong type in any
 section stops the loop at start-up in one line, not after a round of work. Every round's stage settings are
-planned up front as typed objects (:class:`RoundPlan`); the stages receive those objects, not argv strings,
-except ``mil fit|predict|evaluate``, whose command line is checked by the same parser that will read it.
+planned up front as typed objects (:class:`RoundPlan`) and checked by the parser that will read them; the stages
+receive those objects, never a command line (``mil fit|predict`` get a :class:`MILCommand`).
 
 What a loop folder was made with is stored in it (:mod:`mil.mining.provenance`).
 """
 
 from __future__ import annotations
 
-import json
 from argparse import ArgumentError
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -22,10 +21,12 @@ from features.encoders import EncoderConfig
 from features.errors import InputError
 from features.extraction.extract import ExtractOptions, TileOptions
 from features.options import from_values
+from mil.evaluation.cli import EvaluateArgs
 from mil.evaluation.ensemble import EnsembleArgs
 from mil.mining.cli import MineArgs
 from mil.mining.layout import RoundPaths, round_paths
 from mil.mining.mine import MiningConfig
+from mil.training.command import MILCommand
 
 
 @dataclass
@@ -89,7 +90,7 @@ class HNMArgs:
 
 @dataclass
 class RoundPlan:
-    """Every stage of one round, settings resolved; ``predict`` lacks ``--ckpt_path`` (the fit decides it)."""
+    """Every stage of one round, settings resolved; ``predict`` lacks ``ckpt_path`` (the fit decides it)."""
 
     index: int
     paths: RoundPaths
@@ -98,14 +99,16 @@ class RoundPlan:
     pretrain: Any  # PretrainArgs | None (imported lazily: it pulls in Lightning)
     finetune: Any  # FinetuneArgs | None
     extract: ExtractOptions
-    fit: list[str]
-    fit_seeds: dict[int, list[str]]
+    fit: MILCommand
+    fit_seeds: dict[int, MILCommand]
     """Extra fits of the seed ensemble (empty: none), by seed."""
     ensemble: Any  # EnsembleArgs | None
     evaluated: Path
     """The run the round reports: the ensemble's folder, or the first fit's."""
-    predict: list[str]
-    evaluate: list[str]
+    predict: MILCommand
+    evaluate: EvaluateArgs
+    evaluate_given: dict[str, Any]
+    """The ``mil evaluate`` settings the loop gave (its stage marker compares these, not the defaults)."""
     mine: MineArgs
 
 
@@ -120,28 +123,6 @@ OWNED = {
     "evaluate_options": {"run", "predictions", "val_predictions", "out", "annotations", "features", "patch_scores"},
 }
 GPU_NAMES = {"gpu", "cuda"}
-
-
-def options(values: Mapping[str, Any], prefix: str = "") -> list[str]:
-    """``{"trainer": {"max_epochs": 2}}`` -> ``["--trainer.max_epochs", "2"]`` (YAML/JSON spelling of values)."""
-    argv: list[str] = []
-    for key, value in values.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value and not name.endswith("model_kwargs") and not name.endswith("label_map"):
-            argv += options(value, f"{name}.")
-        else:
-            argv += [f"--{name}", _text(value)]
-    return argv
-
-
-def _text(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return "null"
-    if isinstance(value, (list, tuple, dict)):
-        return json.dumps(value)
-    return str(value)
 
 
 def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -202,26 +183,30 @@ def plan_round(args: HNMArgs, index: int) -> RoundPlan:
         **args.tiling_options, **args.extract_options, "slides": cohort.slides, "out": str(here.store),
         "coords": str(first.store / "coords"), "encoder": stage_encoder(args.encoder, weights, tag)},
         "tiling_options + extract_options", "features extract")
-    fold = [] if cohort.fold is None else ["--data.fold", str(cohort.fold)]
-    mil_data = ["--config", args.mil_config, *options(args.mil_options), "--data.features", str(here.features(tag)),
-                "--data.labels", cohort.labels, *fold]
-    annotations = ["--annotations", cohort.annotations, "--features", str(here.features(tag))] if cohort.annotations else []
+    fold = {} if cohort.fold is None else {"data.fold": cohort.fold}
+    features = str(here.features(tag))
+    mil_data = MILCommand(args.mil_config).updated(args.mil_options).updated(
+        {"data.features": features, "data.labels": cohort.labels, **fold})
     # The loop prints one line per stage; Lightning's model summary table (the same each round) is left to `mil fit`.
-    quiet = ["--trainer.enable_model_summary", "false"]
-    fit_seeds = {seed: [*mil_data, "--seed_everything", str(seed), "--data.seed", str(seed), *quiet,
-                        "--trainer.default_root_dir", str(here.mil_seed(seed))] for seed in args.ensemble_seeds}
+    quiet = {"trainer.enable_model_summary": False}
+    fit_seeds = {seed: mil_data.updated({"seed_everything": seed, "data.seed": seed, **quiet,
+                                         "trainer.default_root_dir": str(here.mil_seed(seed))})
+                 for seed in args.ensemble_seeds}
     ensemble = (EnsembleArgs(runs=[str(here.mil), *map(str, map(here.mil_seed, args.ensemble_seeds))],
                              out=str(here.mil_ensemble)) if args.ensemble_seeds else None)
     evaluated = here.mil_ensemble if ensemble else here.mil
+    annotations = {"annotations": cohort.annotations, "features": features} if cohort.annotations else {}
+    evaluate_given = {"run": str(evaluated), **annotations, **args.evaluate_options}
     mine = MineArgs(scores=str(here.mil_train), labels=cohort.labels, out=str(here.selection), fold=cohort.fold,
                     round=index, annotations=cohort.annotations, coords=str(first.store),
-                    features=str(here.features(tag)), mining=args.mining)
+                    features=features, mining=args.mining)
     return RoundPlan(
         index=index, paths=here, tag=tag, tile=tile, pretrain=pretrain, finetune=finetune, extract=extract,
-        fit=[*mil_data, *quiet, "--trainer.default_root_dir", str(here.mil)], fit_seeds=fit_seeds, ensemble=ensemble,
-        evaluated=evaluated,
-        predict=[*mil_data, "--data.predict_split", "train", "--trainer.default_root_dir", str(here.mil_train)],
-        evaluate=["--run", str(evaluated), *annotations, *options(args.evaluate_options)],
+        fit=mil_data.updated({**quiet, "trainer.default_root_dir": str(here.mil)}), fit_seeds=fit_seeds,
+        ensemble=ensemble, evaluated=evaluated,
+        predict=mil_data.updated({"data.predict_split": "train", "trainer.default_root_dir": str(here.mil_train)}),
+        evaluate=from_values(EvaluateArgs, evaluate_given, "evaluate_options", "mil evaluate"),
+        evaluate_given=evaluate_given,
         mine=mine,
     )
 
@@ -238,7 +223,6 @@ def plan(args: HNMArgs) -> list[RoundPlan]:
     fit = check_mil("fit", rounds[0].fit)
     check_ensemble_seeds(args.ensemble_seeds, fit.get("seed_everything"))
     check_mil("predict", rounds[0].predict)
-    check_evaluate(rounds[0].evaluate)
     check_devices(rounds, fit)
     return rounds
 
@@ -252,46 +236,15 @@ def check_ensemble_seeds(seeds: list[int], first_seed: Any) -> None:
         raise InputError(f"ensemble_seeds: {first_seed} is the first fit's seed_everything already; pick other seeds")
 
 
-def check_mil(subcommand: str, argv: list[str]) -> dict[str, Any]:
-    """Parse a ``mil fit|predict`` command line with its own LightningCLI parser, stopping before any work."""
-    import warnings
+def check_mil(subcommand: str, command: MILCommand) -> dict[str, Any]:
+    """Parse a ``mil fit|predict`` run with its own LightningCLI parser, stopping before any work."""
+    from mil.training.cli import parsed_settings
 
-    from mil.data.datamodule import MILDataModule
-    from mil.training.cli import MILCLI
-    from mil.training.module import MILModule
-
-    class Parsed(Exception):
-        pass
-
-    class ParseOnly(MILCLI):
-        def _set_seed(self) -> None:  # the real run seeds; checking must not touch global random state
-            pass
-
-        def before_instantiate_classes(self) -> None:
-            raise Parsed(self.config[self.subcommand].as_dict())
-
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     try:
-        ParseOnly(MILModule, MILDataModule, args=[subcommand, *argv], save_config_callback=None,
-                  parser_kwargs={"exit_on_error": False, "prog": f"mil {subcommand}"})
-    except Parsed as parsed:
-        return parsed.args[0]
+        return parsed_settings(subcommand, command)
     except (ArgumentError, ValueError, TypeError) as error:
         detail = " ".join(str(error).split())
         raise InputError(f"mil_config / mil_options: {detail}; see `mil {subcommand} --help` for its options") from None
-    raise InputError(f"mil {subcommand}: could not read its settings")  # unreachable: the CLI always parses first
-
-
-def check_evaluate(argv: list[str]) -> None:
-    from mil.evaluation.cli import build_parser
-
-    parser = build_parser()
-    parser.exit_on_error = False
-    try:
-        parser.parse_args(argv)
-    except ArgumentError as error:
-        detail = " ".join(str(error).split())
-        raise InputError(f"evaluate_options: {detail}; see `mil evaluate --help` for its options") from None
 
 
 def check_devices(rounds: list[RoundPlan], fit: Mapping[str, Any]) -> None:

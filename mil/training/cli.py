@@ -49,6 +49,7 @@ from features.provenance import refuse_other_features
 from features.store import folder_settings
 from mil.data.datamodule import FEATURES_FIX, MILDataModule
 from mil.training.best_checkpoint import BestCheckpoint
+from mil.training.command import MILCommand, read_config
 from mil.training.module import MILModule
 from mil.training.outputs import RunOutputs, write_json, write_run_metrics
 
@@ -104,6 +105,8 @@ class MILCLI(LightningCLI):
 
     @staticmethod
     def _subcommand_name(args: Any) -> str:
+        if isinstance(args, dict):
+            return str(args.get("subcommand", "fit"))
         return str(args[0]) if isinstance(args, list) and args else "fit"
 
     def before_instantiate_classes(self) -> None:
@@ -310,20 +313,9 @@ def check_yaml_files(argv: list[str]) -> None:
     """``--config`` files must exist and parse; a syntax error names the file and line."""
     for index, arg in enumerate(argv):
         if arg in ("--config", "-c") and index + 1 < len(argv):
-            path = Path(argv[index + 1])
+            read_config(Path(argv[index + 1]))
         elif arg.startswith("--config="):
-            path = Path(arg.split("=", 1)[1])
-        else:
-            continue
-        if not path.is_file():
-            fail(f"--config {path}: no such file; pass a YAML config such as configs/mil/abmil.yaml")
-        try:
-            yaml.safe_load(path.read_text())
-        except yaml.YAMLError as error:
-            mark = getattr(error, "problem_mark", None)
-            where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
-            problem = getattr(error, "problem", None) or _first_line(error)
-            fail(f"{path}: YAML syntax error at {where} ({problem}); fix the file")
+            read_config(Path(arg.split("=", 1)[1]))
 
 
 def config_error_line(error: ArgumentError, subcommand: str) -> str:
@@ -348,7 +340,9 @@ def default_loggers(root: Path) -> list[Logger]:
     return [wandb, CSVLogger(save_dir=str(root), name="csv")]
 
 
-def _run(subcommand: str, argv: list[str]) -> None:
+def _run(subcommand: str, command: list[str] | MILCommand) -> None:
+    """One LightningCLI run, from a command line (the ``mil`` dispatcher) or a :class:`MILCommand` (other
+    commands: ``mil hnm``, ``mil cv``), never a command line built by another command."""
     config_name = "config.yaml" if subcommand == "fit" else f"config_{subcommand}.yaml"
     # argv arrives explicitly from the `mil` dispatcher, which LightningCLI would otherwise warn about
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
@@ -356,27 +350,48 @@ def _run(subcommand: str, argv: list[str]) -> None:
     # finds its own checkpoints
     warnings.filterwarnings("ignore", message="The dirpath has changed from")
     warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
-    check_yaml_files(argv)
     try:
-        MILCLI(
-            MILModule,
-            MILDataModule,
-            args=[subcommand, *argv],
-            seed_everything_default=0,
-            trainer_defaults={
-                "callbacks": [RunOutputs()],
-                "max_epochs": 50,
-                "precision": "bf16-mixed" if torch.cuda.is_available() else "32-true",
-                "log_every_n_steps": 10,
-            },
-            save_config_callback=RunConfig,
-            save_config_kwargs={"config_filename": config_name, "overwrite": True},
-            parser_kwargs={"prog": "mil"},
-        )
+        _cli(MILCLI, subcommand, command, save_config_callback=RunConfig,
+             save_config_kwargs={"config_filename": config_name, "overwrite": True}, parser_kwargs={"prog": "mil"})
     except _AlreadyFinished as done:
         print(done)
     finally:
         finish_wandb()
+
+
+def parsed_settings(subcommand: str, command: list[str] | MILCommand) -> dict[str, Any]:
+    """A ``mil fit|predict`` run's settings as its own parser resolves them, config file included; nothing runs."""
+
+    class Parsed(Exception):
+        pass
+
+    class ParseOnly(MILCLI):
+        def _set_seed(self) -> None:  # the real run seeds; checking must not touch global random state
+            pass
+
+        def before_instantiate_classes(self) -> None:
+            raise Parsed(self.config[self.subcommand].as_dict())
+
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    try:
+        _cli(ParseOnly, subcommand, command, save_config_callback=None,
+             parser_kwargs={"exit_on_error": False, "prog": f"mil {subcommand}"})
+    except Parsed as parsed:
+        return parsed.args[0]
+    raise InputError(f"mil {subcommand}: could not read its settings")  # unreachable: the CLI always parses first
+
+
+def _cli(cli: type[MILCLI], subcommand: str, command: list[str] | MILCommand, **options: Any) -> None:
+    """``cli`` with the defaults every ``mil`` run shares, given the resolved mapping of a :class:`MILCommand` or
+    a user's command line."""
+    if isinstance(command, MILCommand):
+        args: list[str] | dict[str, Any] = {"subcommand": subcommand, subcommand: command.resolved()}
+    else:
+        check_yaml_files(command)
+        args = [subcommand, *command]
+    trainer_defaults = {"callbacks": [RunOutputs()], "max_epochs": 50, "log_every_n_steps": 10,
+                        "precision": "bf16-mixed" if torch.cuda.is_available() else "32-true"}
+    cli(MILModule, MILDataModule, args=args, seed_everything_default=0, trainer_defaults=trainer_defaults, **options)
 
 
 def finish_wandb() -> None:
@@ -387,18 +402,18 @@ def finish_wandb() -> None:
         wandb.finish()
 
 
-def fit(argv: list[str]) -> None:
+def fit(command: list[str] | MILCommand) -> None:
     """Train a slide model; evaluate the best checkpoint on val (and test); write the run directory."""
-    _run("fit", argv)
+    _run("fit", command)
 
 
-def validate(argv: list[str]) -> None:
-    _run("validate", argv)
+def validate(command: list[str] | MILCommand) -> None:
+    _run("validate", command)
 
 
-def test(argv: list[str]) -> None:
-    _run("test", argv)
+def test(command: list[str] | MILCommand) -> None:
+    _run("test", command)
 
 
-def predict(argv: list[str]) -> None:
-    _run("predict", argv)
+def predict(command: list[str] | MILCommand) -> None:
+    _run("predict", command)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from eval_inputs import noisy_predictions, write_predictions
 from sklearn.metrics import roc_auc_score
 
@@ -77,9 +78,22 @@ def test_cv_trains_a_real_fold_then_resumes(tmp_path, capsys):
             "--trainer.logger", "false"]
     assert mil_main(argv) == 0
     run = tmp_path / "cv" / run_name(0, 0)
+    saved, config = (yaml.safe_load(path.read_text()) for path in (run / "config.yaml", DEMO_CONFIG))
+    assert saved["trainer"]["max_epochs"] == 1 and saved["data"]["features"] == str(features)  # given after --
+    assert saved["data"]["fold"] == 0 and saved["seed_everything"] == 0  # set by mil cv
+    assert saved["model"]["lr"] == config["model"]["lr"]  # from the config
     slide = json.loads((run / "metrics.json").read_text())["slide"]
     assert slide["evaluated_split"] == "test" and slide["n_slides"] == 2
     assert pd.read_csv(tmp_path / "cv" / "cv_summary.csv", index_col="metric").loc["slide/auc", "n_runs"] == 1
     capsys.readouterr()
     assert mil_main(argv) == 0
     assert "fold_0_seed_0: finished earlier, skipped" in capsys.readouterr().out
+
+
+def test_a_misspelt_fit_option_stops_cv_before_any_fold_trains(tmp_path, capsys):
+    argv = ["cv", "--fit_config", str(DEMO_CONFIG), "--out", str(tmp_path / "cv"), "--n_folds", "2",
+            "--", "--data.features", "f", "--data.labels", "l", "--trainer.max_epochz", "1"]
+    assert mil_main(argv) == 2
+    error = capsys.readouterr().err.strip()
+    assert "--trainer.max_epochz" in error and "\n" not in error
+    assert not (tmp_path / "cv" / run_name(0, 0)).exists()

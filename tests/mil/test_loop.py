@@ -26,6 +26,7 @@ from features.errors import InputError
 from features.synth.cohort import config_from, write_cohort
 from mil.__main__ import main as mil_main
 from mil.mining import loop, provenance, settings
+from mil.training.command import MILCommand
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[2]
@@ -91,6 +92,7 @@ def outputs(out: Path) -> dict[str, object]:
     return found
 
 
+@pytest.mark.slow
 def test_kill_9_rerun_matches_uninterrupted_run_and_other_settings_are_refused(cohort, mil_config, tmp_path,
                                                                                capsys):
     """Two rounds as three `mil hnm` processes: one uninterrupted, one killed with SIGKILL while round 1's slide
@@ -231,13 +233,13 @@ def test_rounds_tied_on_validation_auc_are_reported_in_one_line(tmp_path):
 def test_stage_marker_made_with_other_settings_is_refused(tmp_path):
     spell = loop.spelling(settings.HNMArgs(cohort=settings.Cohort(slides="s", labels="l"), out=str(tmp_path)))
     ran = []
-    fit = ["--config", "l", "--trainer.max_epochs", "2"]
-    loop.Stages(tmp_path, spell).run("fit", lambda: ran.append(1), loop.argv_settings(fit))
-    loop.Stages(tmp_path, spell).run("fit", lambda: ran.append(2), loop.argv_settings(fit))
+    fit = MILCommand("l", {"trainer.max_epochs": 2})
+    loop.Stages(tmp_path, spell).run("fit", lambda: ran.append(1), fit.recorded())
+    loop.Stages(tmp_path, spell).run("fit", lambda: ran.append(2), fit.recorded())
     assert ran == [1]
     assert json.loads((tmp_path / ".fit.done").read_text())["settings"]["config"] == "<cohort.labels>"
     with pytest.raises(InputError, match=r"stage fit ran with other settings .*trainer.max_epochs was '2', now '3'"):
-        loop.Stages(tmp_path, spell).run("fit", lambda: ran.append(3), loop.argv_settings([*fit[:3], "3"]))
+        loop.Stages(tmp_path, spell).run("fit", lambda: ran.append(3), fit.updated({"trainer.max_epochs": 3}).recorded())
     assert ran == [1]
 
 
@@ -245,18 +247,18 @@ def test_display_settings_do_not_stop_a_resume(tmp_path):
     """A marker written with the model summary on (as before the loop's fits were quiet) still resumes."""
     spell = loop.spelling(settings.HNMArgs(cohort=settings.Cohort(slides="s", labels="l"), out=str(tmp_path)))
     ran = []
-    fit = ["--config", "l", "--trainer.max_epochs", "2"]
-    loop.Stages(tmp_path, spell).run("fit", lambda: ran.append(1), loop.argv_settings(fit))
+    fit = MILCommand("l", {"trainer.max_epochs": 2})
+    loop.Stages(tmp_path, spell).run("fit", lambda: ran.append(1), fit.recorded())
     marker = tmp_path / ".fit.done"
     record = json.loads(marker.read_text())
     assert record["settings"] == {"config": "<cohort.labels>", "trainer.max_epochs": "2"}
     record["settings"]["trainer.enable_model_summary"] = "true"
     marker.write_text(json.dumps(record))
-    quiet = [*fit, "--trainer.enable_model_summary", "false", "--trainer.enable_progress_bar", "false"]
-    loop.Stages(tmp_path, spell).run("fit", lambda: ran.append(2), loop.argv_settings(quiet))
+    quiet = fit.updated({"trainer": {"enable_model_summary": False, "enable_progress_bar": False}})
+    loop.Stages(tmp_path, spell).run("fit", lambda: ran.append(2), quiet.recorded())
     assert ran == [1]
     with pytest.raises(InputError, match="trainer.max_epochs was '2', now '3'"):
-        loop.Stages(tmp_path, spell).run("fit", lambda: ran.append(3), loop.argv_settings([*quiet[:3], "3"]))
+        loop.Stages(tmp_path, spell).run("fit", lambda: ran.append(3), quiet.updated({"trainer.max_epochs": 3}).recorded())
 
 
 def test_overwrite_discards_earlier_rounds_and_keeps_other_files(cohort, tmp_path):
@@ -280,9 +282,24 @@ def test_overwrite_discards_earlier_rounds_and_keeps_other_files(cohort, tmp_pat
         provenance.prepare_folder(args)
 
 
-def test_options_flatten_nested_settings():
-    assert settings.options({"trainer": {"max_epochs": 2, "logger": False}, "model_kwargs": {"a": 1}, "x": None}) == [
-        "--trainer.max_epochs", "2", "--trainer.logger", "false", "--model_kwargs", '{"a": 1}', "--x", "null"]
+def test_a_mil_command_records_settings_as_yaml_and_resolves_them_on_its_config(tmp_path):
+    """Markers spell a nested section as dotted keys (a model's kwargs stay one value); what LightningCLI reads is
+    the config file with the settings on top, and a new class drops the old class's arguments."""
+    config = tmp_path / "mil.yaml"
+    config.write_text("trainer: {max_epochs: 10, accelerator: cpu}\n"
+                      "model: {aggregator: {class_path: mil.aggregators.ABMIL, init_args: {hidden_dim: 32}}}\n")
+    command = MILCommand(str(config)).updated(
+        {"trainer": {"max_epochs": 2, "logger": False}, "model_kwargs": {"a": 1}, "x": None})
+    assert command.recorded() == {"config": str(config), "trainer.max_epochs": "2", "trainer.logger": "false",
+                                  "model_kwargs": '{"a": 1}', "x": "null"}
+    resolved = command.resolved()
+    assert resolved["trainer"] == {"max_epochs": 2, "accelerator": "cpu", "logger": False}
+    assert resolved["model"]["aggregator"]["init_args"] == {"hidden_dim": 32}
+    other = command.updated({"model.aggregator.class_path": "mil.aggregators.DSMIL"}).resolved()
+    assert other["model"]["aggregator"] == {"class_path": "mil.aggregators.DSMIL"}
+    config.write_text("trainer: [unclosed\n")
+    with pytest.raises(InputError, match=r"mil.yaml: YAML syntax error at line 2"):
+        command.resolved()
 
 
 def test_stage_made_by_other_code_is_reused_and_said_so(tmp_path, monkeypatch, capsys):
