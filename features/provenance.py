@@ -15,9 +15,11 @@ import json
 import logging
 import math
 import os
+import platform
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -76,14 +78,27 @@ def transform_settings(transform: Any) -> dict[str, Any]:
     return {k: v for k, v in dict(transform or {}).items() if k not in TRANSFORM_IGNORED}
 
 
-def versions() -> dict[str, str]:
-    import timm
+# What every output records beside its settings (distribution names, as `pip show` spells them).
+LIBRARIES = ("hnm-mil", "torch", "timm", "lightning", "torchmetrics", "numpy", "h5py", "jsonargparse", "scikit-learn")
+
+
+def versions() -> dict[str, Any]:
+    """Library versions, Python, the device and torch's thread count: the one record of what computed an output.
+
+    The thread count is there because training's float sums, so trained weights, differ between 1 and 2 threads.
+    """
     import torch
 
-    from features.encoders import package_version
-
-    return {"hnm_mil": package_version(), "torch": str(torch.__version__), "timm": str(timm.__version__),
-            "torch_threads": torch.get_num_threads()}
+    found: dict[str, Any] = {}
+    for name in LIBRARIES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:  # hnm-mil run from a source tree that is not installed
+            found[name] = "not installed"
+    found["python"] = platform.python_version()
+    found["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    found["torch_threads"] = torch.get_num_threads()
+    return found
 
 
 def make_record(kind: str, settings: Mapping[str, Any], recorded: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,19 +16,11 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from features.provenance import versions
 from features.store import atomic_path
 
 def sidecar_path(path: str | Path) -> Path:
     return Path(f"{path}.json")
-
-
-def versions() -> dict[str, str]:
-    import lightning
-    import timm
-
-    # Training's float sums depend on the thread count: the same fine-tuning on 1 and 2 threads differs.
-    return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
-            "lightning": lightning.__version__, "torch_threads": torch.get_num_threads()}
 
 
 def save_encoder_weights(model: torch.nn.Module, path: str | Path, metadata: Mapping[str, Any] | None = None) -> Path:

@@ -33,7 +33,7 @@ import yaml
 
 from features.errors import InputError
 from features.options import parse
-from features.provenance import refuse_other_features
+from features.provenance import refuse_other_features, versions
 from features.store import HOST, TMP_MARKER
 from mil.evaluation.report import read_predictions_csv
 from mil.patch_scores import (PATCH_SCORES_DIR, find_patch_scores, read_patch_scores, scored_feature_settings,
@@ -65,8 +65,6 @@ def main(argv: list[str] | None = None) -> None:
 
 def ensemble(args: EnsembleArgs) -> Path:
     """Average the members' outputs into ``args.out`` (written whole under a temporary name, then renamed)."""
-    from mil.training.outputs import versions  # pulls in Lightning: only when an ensemble is written
-
     if args.patch_scores not in PATCH_MODES:
         raise InputError(f"--patch_scores {args.patch_scores!r}: choose first or mean")
     runs = [Path(run) for run in args.runs]

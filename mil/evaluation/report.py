@@ -8,7 +8,6 @@ carries a stratified bootstrap 95% interval over slides.
 from __future__ import annotations
 
 import json
-import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from features.errors import InputError
+from features.provenance import versions
 from features.store import atomic_path
 from mil.evaluation.bootstrap import DEFAULT_LEVEL, DEFAULT_N, MIN_PER_CLASS, bootstrap
 from mil.evaluation.metrics import binary_statistic, multiclass_statistic
@@ -200,23 +200,10 @@ def merge_metrics(path: str | Path, update: dict[str, Any]) -> dict[str, Any]:
         except json.JSONDecodeError as error:
             raise InputError(f"{path}: not valid JSON ({error}); delete it and rerun")
     current.update(update)
-    current["versions"] = _versions()
+    current["versions"] = versions()
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(current, indent=2, sort_keys=True, allow_nan=False) + "\n")
     return current
-
-
-def _versions() -> dict[str, str]:
-    import sklearn
-
-    try:
-        from importlib.metadata import version
-
-        ours = version("hnm-mil")
-    except Exception:  # noqa: BLE001 - running from a source tree that is not installed
-        ours = "unknown"
-    return {"hnm_mil": ours, "numpy": np.__version__, "scikit_learn": sklearn.__version__,
-            "python": platform.python_version()}
 
 
 def write_slide_metrics(out_dir: str | Path, evaluated: Predictions, val: Predictions | None, split: str,

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import platform
 import warnings
-from importlib import metadata
 from pathlib import Path
 
 import pandas as pd
@@ -24,22 +22,10 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 
+from features.provenance import versions
 from features.store import atomic_path
 from mil.patch_scores import write_patch_scores
 
-
-
-def versions() -> dict[str, str]:
-    found = {}
-    for name in ("hnm-mil", "torch", "timm", "lightning", "torchmetrics", "numpy", "h5py", "jsonargparse"):
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = "not installed"
-    found["python"] = platform.python_version()
-    found["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    found["torch_threads"] = str(torch.get_num_threads())  # float sums, so trained weights, depend on it
-    return found
 
 
 def write_json(path: Path, data: dict) -> None:
