@@ -35,7 +35,7 @@ from mil.training.cli import fit, test  # noqa: E402
 
 # Aggregators compared on the frozen round-0 features: (label, config, extra options).
 CPU_TRAINER = ["--trainer.accelerator", "cpu", "--trainer.max_epochs", "30", "--trainer.enable_progress_bar", "false",
-               "--early_stopping.patience", "30", "--seed_everything", "0"]
+               "--trainer.enable_model_summary", "false", "--early_stopping.patience", "30", "--seed_everything", "0"]
 MODELS = [
     ("ABMIL + ranking loss", "configs/demo/mil_abmil_ranking.yaml", ["--model.lr", "5e-3"]),
     ("ABMIL (bag loss only)", "configs/demo/mil_abmil.yaml", ["--model.lr", "5e-3"]),
