@@ -14,8 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 SWAPS = {
     ("features", "synth"): {"+": ["--preset", "tiny"]},
@@ -57,7 +55,6 @@ def run(command: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Comple
                           timeout=900)
 
 
-@pytest.mark.slow
 def test_readme_pipeline_runs_on_the_tiny_cohort(tmp_path):
     (tmp_path / "configs").symlink_to(ROOT / "configs")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}

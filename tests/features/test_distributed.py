@@ -52,7 +52,6 @@ def assert_same_outputs(out: Path, reference: Path) -> None:
     assert sorted(manifest["slide_id"]) == [f"s{i}" for i in range(5)] and set(manifest["status"]) == {"ok"}
 
 
-@pytest.mark.slow
 def test_two_processes_match_one(slides):
     root, reference = slides
     out = root / "ddp"
@@ -64,7 +63,6 @@ def test_two_processes_match_one(slides):
     assert "extracted 5 slides" in result.stdout
 
 
-@pytest.mark.slow
 def test_killed_run_resumes_to_identical_outputs(slides):
     root, reference = slides
     out = root / "killed"
@@ -104,7 +102,6 @@ def launch_nodes(root: Path, out: Path) -> list[subprocess.Popen]:
                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
 
 
-@pytest.mark.slow
 def test_two_nodes_shard_disjointly_and_match_one_process(slides):
     root, reference = slides
     out = root / "nodes"
@@ -117,7 +114,6 @@ def test_two_nodes_shard_disjointly_and_match_one_process(slides):
         assert (out / "features" / TAG / name).read_bytes() == (reference / "features" / TAG / name).read_bytes()
 
 
-@pytest.mark.slow
 def test_a_killed_node_is_picked_up_by_a_rerun(slides):
     root, reference = slides
     out = root / "node_killed"

@@ -96,7 +96,6 @@ def test_checkpoint_and_logs_carry_the_hyperparameters(run):
     assert logged["lr"] == 2e-2 and logged["aggregator"]["class_path"] == "mil.aggregators.ABMIL"
 
 
-@pytest.mark.slow
 def test_saved_config_reruns_into_a_new_root_and_a_finished_fit_continues(run, tmp_path, capsys):
     """Case 5: config.yaml held the old run's absolute checkpoint.dirpath, so a rerun wrote into the old run; a
     finished fit could not be continued with more epochs."""
@@ -138,7 +137,6 @@ def test_a_rerun_with_other_settings_is_refused(run, capsys):
     assert str(run / "config.yaml") in line and "model.lr=0.02" in line
 
 
-@pytest.mark.slow
 def test_a_killed_fit_resumes_from_its_last_epoch(cohort, tmp_path, capsys):
     """Case 5: kill -9 during fit, rerun: it resumes from last.ckpt, and no stale last.ckpt sits beside last-v1.ckpt."""
     root = tmp_path / "killed"
@@ -257,7 +255,6 @@ def test_a_model_is_not_applied_to_features_of_another_make(run, cohort, tmp_pat
         assert json.loads(h5.attrs["feature_settings"])["encoder.name"] == "synthetic"
 
 
-@pytest.mark.slow
 def test_a_fit_whose_features_were_remade_in_place_is_neither_skipped_nor_resumed(cohort, tmp_path, capsys):
     """A finished fit was skipped as done, and an unfinished one resumed, after its feature folder was re-extracted
     with another encoder under the same path."""

@@ -140,7 +140,6 @@ def test_bad_input_through_the_mil_command_is_one_line(cohort, tmp_path, capsys)
     assert code == 2 and str(bad) in err[-1] and "metastasis" in err[-1]
 
 
-@pytest.mark.slow
 def test_two_process_test_run_writes_every_slide_once(run, cohort, tmp_path):
     """``mil test`` under DDP on 2 CPU processes: rank 0's CSV holds both ranks' slides, each once."""
     import shutil
