@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from features.provenance import versions
 from features.store import atomic_path
 
+
 def sidecar_path(path: str | Path) -> Path:
     return Path(f"{path}.json")
 

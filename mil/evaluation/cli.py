@@ -7,7 +7,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from features.errors import InputError
 from features.options import parse
 from mil.evaluation.bootstrap import DEFAULT_N

@@ -102,7 +102,8 @@ def is_finished(run_dir: Path) -> bool:
 
 def fit_command(fit_config: str, given: list[str]) -> MILCommand:
     """``fit_config`` with the ``mil fit`` options given after ``--``, read once by ``mil fit``'s own parser (so a
-    bad one stops ``mil cv`` before the first fold trains); each fold's run gets these settings, never a command line."""
+    bad one stops ``mil cv`` before the first fold trains); each fold's run gets these settings, not a command
+    line."""
     from mil.training.cli import parsed_settings
 
     settings = parsed_settings("fit", ["--config", fit_config, *given])

@@ -24,7 +24,8 @@ import yaml
 
 from features.errors import InputError
 from features.store import atomic_path
-from mil.mining.settings import HNMArgs, flatten
+from mil.mining.settings import HNMArgs
+from mil.training.command import dotted
 
 CONFIG_NAME = "hnm_config.yaml"
 INPUTS_NAME = "hnm_inputs.json"
@@ -95,7 +96,7 @@ def input_hashes(args: HNMArgs) -> dict[str, str | None]:
 
 def first_difference(before: Mapping[str, Any], now: Mapping[str, Any]) -> tuple[str, Any, Any] | None:
     """The first dotted key whose value differs (a key present on one side only counts)."""
-    old, new = flatten(before), flatten(now)
+    old, new = dotted(before, leaves=()), dotted(now, leaves=())
     for key in sorted(set(old) | set(new)):
         if old.get(key, "<absent>") != new.get(key, "<absent>"):
             return key, old.get(key, "<absent>"), new.get(key, "<absent>")
@@ -103,7 +104,7 @@ def first_difference(before: Mapping[str, Any], now: Mapping[str, Any]) -> tuple
 
 
 def comparable(config: Mapping[str, Any], hashes: Mapping[str, Any]) -> dict[str, Any]:
-    flat = {k: v for k, v in flatten(config).items() if k.split(".")[0] not in FREE and k not in FILES}
+    flat = {k: v for k, v in dotted(config, leaves=()).items() if k.split(".")[0] not in FREE and k not in FILES}
     flat.update({f"{key} (content)": value for key, value in hashes.items()})
     return flat
 

@@ -26,7 +26,7 @@ from mil.evaluation.ensemble import EnsembleArgs
 from mil.mining.cli import MineArgs
 from mil.mining.layout import RoundPaths, round_paths
 from mil.mining.mine import MiningConfig
-from mil.training.command import MILCommand
+from mil.training.command import MILCommand, dotted
 
 
 @dataclass
@@ -125,21 +125,9 @@ OWNED = {
 GPU_NAMES = {"gpu", "cuda"}
 
 
-def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested mappings -> ``{"a.b.c": value}``."""
-    flat: dict[str, Any] = {}
-    for key, value in values.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
-
-
 def check_owned(args: HNMArgs) -> None:
     for section, owned in OWNED.items():
-        for key in flatten(getattr(args, section)):
+        for key in dotted(getattr(args, section), leaves=()):
             if key in owned or any(key.startswith(f"{name}.") for name in owned):
                 raise InputError(f"{section}.{key}: the loop sets this itself (from cohort.*, encoder.* and --out); "
                                  "remove it from the loop config")

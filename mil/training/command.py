@@ -51,13 +51,14 @@ class MILCommand:
         return {**head, **yaml_texts(self.settings)}
 
 
-def dotted(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"trainer": {"max_epochs": 2}}`` -> ``{"trainer.max_epochs": 2}``; a model's kwargs stay one value."""
+def dotted(values: Mapping[str, Any], prefix: str = "", leaves: tuple[str, ...] = MAPPING_VALUES) -> dict[str, Any]:
+    """``{"trainer": {"max_epochs": 2}}`` -> ``{"trainer.max_epochs": 2}``; a mapping under a name ending in one of
+    ``leaves`` (by default a model's kwargs) stays one value, and so does an empty one."""
     flat: dict[str, Any] = {}
     for key, value in values.items():
         name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value and not name.endswith(MAPPING_VALUES):
-            flat.update(dotted(value, f"{name}."))
+        if isinstance(value, Mapping) and value and not name.endswith(leaves):
+            flat.update(dotted(value, f"{name}.", leaves))
         else:
             flat[name] = value
     return flat

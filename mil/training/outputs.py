@@ -27,7 +27,6 @@ from features.store import atomic_path
 from mil.patch_scores import write_patch_scores
 
 
-
 def write_json(path: Path, data: dict) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -239,7 +239,8 @@ def test_stage_marker_made_with_other_settings_is_refused(tmp_path):
     assert ran == [1]
     assert json.loads((tmp_path / ".fit.done").read_text())["settings"]["config"] == "<cohort.labels>"
     with pytest.raises(InputError, match=r"stage fit ran with other settings .*trainer.max_epochs was '2', now '3'"):
-        loop.Stages(tmp_path, spell).run("fit", lambda: ran.append(3), fit.updated({"trainer.max_epochs": 3}).recorded())
+        other = fit.updated({"trainer.max_epochs": 3})
+        loop.Stages(tmp_path, spell).run("fit", lambda: ran.append(3), other.recorded())
     assert ran == [1]
 
 
@@ -258,7 +259,8 @@ def test_display_settings_do_not_stop_a_resume(tmp_path):
     loop.Stages(tmp_path, spell).run("fit", lambda: ran.append(2), quiet.recorded())
     assert ran == [1]
     with pytest.raises(InputError, match="trainer.max_epochs was '2', now '3'"):
-        loop.Stages(tmp_path, spell).run("fit", lambda: ran.append(3), quiet.updated({"trainer.max_epochs": 3}).recorded())
+        other = quiet.updated({"trainer.max_epochs": 3})
+        loop.Stages(tmp_path, spell).run("fit", lambda: ran.append(3), other.recorded())
 
 
 def test_overwrite_discards_earlier_rounds_and_keeps_other_files(cohort, tmp_path):
