@@ -9,6 +9,7 @@ MIDOG++-style COCO file.
 from __future__ import annotations
 
 import json
+import re
 import xml.etree.ElementTree as ET
 from collections import defaultdict
 from pathlib import Path
@@ -22,15 +23,24 @@ from shapely.geometry.base import BaseGeometry
 from features.errors import InputError
 
 TUMOR, LOOKALIKE, EXCLUSION, NORMAL = "tumor", "lookalike", "exclusion", "normal"
-GROUP_ALIASES = {"_0": TUMOR, "_1": TUMOR, "_2": EXCLUSION, "metastases": TUMOR, "tumour": TUMOR}
+GROUP_ALIASES = {"_0": TUMOR, "_1": TUMOR, "_2": EXCLUSION, "metastases": TUMOR, "metastasis": TUMOR, "tumour": TUMOR,
+                 "lookalikes": LOOKALIKE, "mimic": LOOKALIKE, "mimics": LOOKALIKE}
 MITOTIC, NOT_MITOTIC = "mitotic figure", "not mitotic figure"
 ANNOTATION_SUFFIXES = (".xml", ".geojson", ".json")
 
 
 def group_name(name: str | None) -> str:
-    """Lower-cased group name with Camelyon16's numbered groups mapped to tumor / exclusion."""
+    """Lower-cased group name with Camelyon16's numbered groups mapped to tumor / exclusion.
+
+    Annotators spell look-alikes many ways (``Look-alike``, ``look_alike``, ``Look alike``, ``Mimic``); all of them
+    must reach the one ``lookalike`` group, or tumor vs look-alike AUC and the selection's composition would
+    silently read every look-alike as normal tissue.
+    """
     key = (name or "unclassified").strip().lower()
-    return GROUP_ALIASES.get(key, key)
+    if key in GROUP_ALIASES:
+        return GROUP_ALIASES[key]
+    compact = re.sub(r"[\s_-]+", "", key)
+    return GROUP_ALIASES.get(compact, compact if compact == LOOKALIKE else key)
 
 
 def read_polygons(path: str | Path) -> dict[str, list[Polygon]]:

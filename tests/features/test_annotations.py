@@ -98,6 +98,21 @@ def test_geojson_from_qupath(tmp_path):
     assert find_annotation(tmp_path, "case") == path
 
 
+def test_look_alike_spellings_all_reach_the_lookalike_group(tmp_path):
+    """However an annotator spells look-alikes, they count as look-alikes, never as normal tissue."""
+    spellings = ["Look-alike", "look_alike", "Look alike", "LOOKALIKES", "Mimic"]
+    collection = {"type": "FeatureCollection", "features": [
+        {"type": "Feature", "properties": {"classification": {"name": name}},
+         "geometry": {"type": "Polygon", "coordinates": [[[x, 0], [x + 100, 0], [x + 100, 100], [x, 100], [x, 0]]]}}
+        for x, name in zip(range(0, 1000, 200), spellings)]}
+    path = tmp_path / "slide.geojson"
+    path.write_text(json.dumps(collection))
+    groups = read_polygons(path)
+    assert set(groups) == {"lookalike"} and len(groups["lookalike"]) == len(spellings)
+    coords = np.array([[x, 0] for x in range(0, 1000, 200)] + [[1100, 0]])
+    assert patch_categories(groups, coords, 100).tolist() == ["lookalike"] * len(spellings) + ["normal"]
+
+
 def test_patch_overlap_by_hand():
     square = [box(0, 0, 100, 100)]
     coords = np.array([[0, 0], [50, 50], [75, 0], [100, 100], [-50, -50], [500, 500]], dtype=np.int64)
