@@ -183,6 +183,9 @@ class MILCLI(LightningCLI):
             return
         best_callback = self._get(self.config_init, "checkpoint")
         best = best_callback.best_model_path or None
+        # Before validate() restores the best checkpoint, whose callback state holds the epochs up to its own only.
+        tied = best_callback.tied_epochs() if isinstance(best_callback, BestCheckpoint) else []
+        best_epoch = getattr(best_callback, "best_epoch", None)
         extra = self._weights_only() if best else {}
         val = trainer.validate(self.model, datamodule=self.datamodule, ckpt_path=best, verbose=False, **extra)
         if self.datamodule.items("test"):
@@ -192,8 +195,12 @@ class MILCLI(LightningCLI):
             score = best_callback.best_model_score
             write_json(root / SUMMARY, {
                 "best_checkpoint": best, "best_val_auc": None if score is None else float(score),
+                "best_epoch": best_epoch, "epochs_tied_with_best": tied,
                 "epochs": trainer.current_epoch, "val": val[0] if val else {}, "metrics": metrics or {},
             })
+            untied = untied_epoch_warning(root, best_callback, tied, trainer.current_epoch)
+            if untied:
+                print(f"warning: {untied}", flush=True)
 
     def after_validate(self) -> None:
         self._metrics()
@@ -204,6 +211,16 @@ class MILCLI(LightningCLI):
     def _metrics(self) -> None:
         if self.trainer.is_global_zero:
             write_run_metrics(Path(self.trainer.default_root_dir))
+
+
+def untied_epoch_warning(root: Path, best: ModelCheckpoint, tied: list[int], epochs: int) -> str | None:
+    """A line for a fit whose kept epoch validation did not choose: its score ties with other epochs' and the first
+    tied epoch was kept. On small validation sets AUC often reads 1.0 from epoch 0, and epoch 0 is barely trained."""
+    if len(tied) < 2 or getattr(best, "tie_breaker", None) or best.best_model_score is None:
+        return None
+    return (f"{root}: {best.monitor} {float(best.best_model_score):.3f} at {len(tied)} of {epochs} epochs, so "
+            f"validation did not choose the epoch kept (epoch {tied[0]}, the first of them); more validation "
+            "slides let it choose, or --checkpoint.tie_breaker val_loss keeps the tied epoch with the lowest loss")
 
 
 def last_epoch_checkpoint(folder: Path) -> ModelCheckpoint:

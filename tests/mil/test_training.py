@@ -165,9 +165,10 @@ def test_two_process_test_run_writes_every_slide_once(run, cohort, tmp_path):
 
 
 @pytest.mark.parametrize("tie_breaker", ["val_loss", "null"])
-def test_best_checkpoint_can_break_validation_auc_ties_by_validation_loss(cohort, tmp_path, tie_breaker):
+def test_best_checkpoint_can_break_validation_auc_ties_by_validation_loss(cohort, tmp_path, tie_breaker, capsys):
     """Val AUC reaches its best early and stays there. With ``--checkpoint.tie_breaker val_loss`` the kept epoch is
-    the tied one with the lowest val loss; by default the first tied epoch, as Lightning's ModelCheckpoint does."""
+    the tied one with the lowest val loss; by default the first tied epoch, as Lightning's ModelCheckpoint does,
+    and the fit says in one line that validation did not choose it."""
     folder, labels = cohort
     cli.fit(["--config", str(CONFIGS / "demo" / "mil_abmil.yaml"), "--data.features", str(folder),
              "--data.labels", str(labels), "--trainer.default_root_dir", str(tmp_path), "--trainer.max_epochs=5",
@@ -182,6 +183,14 @@ def test_best_checkpoint_can_break_validation_auc_ties_by_validation_loss(cohort
     best = Path(json.loads((tmp_path / "fit_summary.json").read_text())["best_checkpoint"]).name
     expected = by_loss if tie_breaker == "val_loss" else first
     assert best.startswith(f"best-epoch{expected:03d}-"), (best, tied[["epoch", "val_auc", "val_loss"]])
+    summary = json.loads((tmp_path / "fit_summary.json").read_text())
+    assert summary["best_epoch"] == expected and summary["epochs_tied_with_best"] == tied["epoch"].astype(int).tolist()
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    if tie_breaker == "val_loss":
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and str(tmp_path) in warnings[0], warnings
+        assert f"at {len(tied)} of {summary['epochs']} epochs" in warnings[0] and f"(epoch {first}," in warnings[0]
 
 
 def test_sanity_check_on_one_class_of_validation_slides_does_not_warn(cohort, tmp_path):
