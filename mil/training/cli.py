@@ -34,8 +34,9 @@ import sys
 import warnings
 import zipfile
 from argparse import ArgumentError
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import yaml
@@ -196,11 +197,12 @@ class MILCLI(LightningCLI):
             write_json(root / SUMMARY, {
                 "best_checkpoint": best, "best_val_auc": None if score is None else float(score),
                 "best_epoch": best_epoch, "epochs_tied_with_best": tied,
+                "tie_breaker": getattr(best_callback, "tie_breaker", None),
                 "epochs": trainer.current_epoch, "val": val[0] if val else {}, "metrics": metrics or {},
             })
-            untied = untied_epoch_warning(root, best_callback, tied, trainer.current_epoch)
-            if untied:
-                print(f"warning: {untied}", flush=True)
+            tied_warning = tied_epoch_warning(root, best_callback, tied, trainer.current_epoch)
+            if tied_warning and not _TIED_EPOCH_LINES_HELD:
+                print(f"warning: {tied_warning}", flush=True)
 
     def after_validate(self) -> None:
         self._metrics()
@@ -213,7 +215,22 @@ class MILCLI(LightningCLI):
             write_run_metrics(Path(self.trainer.default_root_dir))
 
 
-def untied_epoch_warning(root: Path, best: ModelCheckpoint, tied: list[int], epochs: int) -> str | None:
+_TIED_EPOCH_LINES_HELD = False
+
+
+@contextmanager
+def tied_epoch_warnings_held() -> Iterator[None]:
+    """Fits inside this block record their tied epochs in ``fit_summary.json`` but print no line: a caller that runs
+    many fits (``mil hnm``) sums them up in one line instead of one per fit."""
+    global _TIED_EPOCH_LINES_HELD
+    before, _TIED_EPOCH_LINES_HELD = _TIED_EPOCH_LINES_HELD, True
+    try:
+        yield
+    finally:
+        _TIED_EPOCH_LINES_HELD = before
+
+
+def tied_epoch_warning(root: Path, best: ModelCheckpoint, tied: list[int], epochs: int) -> str | None:
     """A line for a fit whose kept epoch validation did not choose: its score ties with other epochs' and the first
     tied epoch was kept. On small validation sets AUC often reads 1.0 from epoch 0, and epoch 0 is barely trained."""
     if len(tied) < 2 or getattr(best, "tie_breaker", None) or best.best_model_score is None:

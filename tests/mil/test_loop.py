@@ -118,6 +118,7 @@ def test_kill_9_rerun_matches_uninterrupted_run_and_other_settings_are_refused(c
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=900)
     assert rerun.returncode == 0, rerun.stdout[-3000:]
     assert "[round_1] finetune: done before, skipping" in rerun.stdout and "[round_1] fit ..." in rerun.stdout
+    assert "validation did not choose the epoch kept" not in rerun.stdout  # the loop sums fits up in one line
     uninterrupted.wait(timeout=900)
     logs["uninterrupted"].seek(0)
     assert uninterrupted.returncode == 0, logs["uninterrupted"].read()[-3000:]
@@ -261,6 +262,25 @@ def test_display_settings_do_not_stop_a_resume(tmp_path):
     with pytest.raises(InputError, match="trainer.max_epochs was '2', now '3'"):
         other = quiet.updated({"trainer.max_epochs": 3})
         loop.Stages(tmp_path, spell).run("fit", lambda: ran.append(3), other.recorded())
+
+
+def test_fits_whose_epoch_validation_did_not_choose_are_summed_up_in_one_line(tmp_path):
+    """The loop holds each fit's tied-epoch line and says it once, counting only fits that kept the first tied
+    epoch (not those a tie-breaker chose, nor untied ones), over the rounds it ran."""
+    def summary(folder: str, **values) -> None:
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "fit_summary.json").write_text(json.dumps({"epochs": 30, **values}))
+
+    summary("round_0/mil", best_epoch=0, epochs_tied_with_best=list(range(29)))
+    summary("round_0/mil_seed1", best_epoch=3, epochs_tied_with_best=[3])
+    summary("round_1/mil", best_epoch=1, epochs_tied_with_best=[1, 2, 5])
+    summary("round_1/mil_seed1", best_epoch=7, epochs_tied_with_best=[1, 7], tie_breaker="val_loss")
+    summary("round_2/mil", best_epoch=0, epochs_tied_with_best=[0, 1])  # not among the rounds asked about
+    line = loop.tied_fits(tmp_path, [0, 1])
+    assert line.startswith("2 of 4 slide-model fits kept the first of several epochs tied on validation AUC "
+                           "(29 of 30, 3 of 30 epochs tied)"), line
+    assert loop.tied_fits(tmp_path, [3]) is None
+    assert loop.tied_fits(tmp_path / "round_0", []) is None
 
 
 def test_overwrite_discards_earlier_rounds_and_keeps_other_files(cohort, tmp_path):
