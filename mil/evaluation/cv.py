@@ -133,23 +133,29 @@ def main(argv: list[str] | None = None) -> None:
         raise InputError("mil cv: no folds or seeds to run")
     if not Path(args.fit_config).is_file():
         raise InputError(f"{args.fit_config}: config not found; pass a `mil fit` YAML")
+    from mil.training.cli import fit, tied_epoch_warnings_held, tied_fits_warning
+
     command: MILCommand | None = None  # read when a fold needs training: finished runs need no settings
     out = Path(args.out)
     run_dirs = []
-    for fold in folds:
-        for seed in args.seeds:
-            run_dir = out / run_name(fold, seed)
-            run_dirs.append(run_dir)
-            if is_finished(run_dir):
-                print(f"{run_dir.name}: finished earlier, skipped")
-                continue
-            print(f"{run_dir.name}: training")
-            from mil.training.cli import fit
-
-            command = command or fit_command(args.fit_config, extra)
-            fit(command.updated({"data.fold": fold, "seed_everything": seed, "trainer.default_root_dir": str(run_dir)}))
-            if not is_finished(run_dir):
-                raise RuntimeError(f"{run_dir}: `mil fit` finished without writing slide metrics to {METRICS_NAME}")
+    with tied_epoch_warnings_held():  # one line for all folds, below
+        for fold in folds:
+            for seed in args.seeds:
+                run_dir = out / run_name(fold, seed)
+                run_dirs.append(run_dir)
+                if is_finished(run_dir):
+                    print(f"{run_dir.name}: finished earlier, skipped")
+                    continue
+                print(f"{run_dir.name}: training")
+                command = command or fit_command(args.fit_config, extra)
+                fit(command.updated({"data.fold": fold, "seed_everything": seed,
+                                     "trainer.default_root_dir": str(run_dir)}))
+                if not is_finished(run_dir):
+                    raise RuntimeError(f"{run_dir}: `mil fit` finished without writing slide metrics to {METRICS_NAME}")
     summary = write_summary(out, run_dirs)
     print(summary_markdown(summary))
+    tied = tied_fits_warning(run_dirs, "more validation slides let it, or `-- --checkpoint.tie_breaker val_loss` "
+                                       "keeps the lowest-loss tied epoch")
+    if tied:
+        print(f"warning: {tied}")
     print(f"\nwrote {out / SUMMARY_NAME} and {out / RUNS_NAME}")

@@ -49,7 +49,8 @@ from features.store import atomic_path
 from mil.evaluation.ensemble import ENSEMBLE_NAME
 from mil.mining.provenance import FIX, SUMMARY_NAME, code_fingerprint, first_difference, fingerprint, prepare_folder
 from mil.mining.settings import HNMArgs, RoundPaths, RoundPlan, plan, round_paths
-from mil.training.cli import tied_epoch_warnings_held
+from mil.training.cli import SUMMARY as FIT_SUMMARY
+from mil.training.cli import tied_epoch_warnings_held, tied_fits_warning
 from mil.training.command import yaml_texts
 
 __all__ = ["HNMArgs", "SUMMARY_NAME", "main", "run", "write_summary"]
@@ -258,16 +259,9 @@ def validation_tie(table: pd.DataFrame) -> str | None:
 def tied_fits(out: Path, rounds: list[int]) -> str | None:
     """One line when validation did not choose the epoch kept by some of the loop's slide-model fits (their
     ``fit_summary.json`` lists several epochs tied with it, and the first was kept); None otherwise."""
-    summaries = [_json(path) for index in rounds for path in sorted((out / f"round_{index}").glob("*/fit_summary.json"))]
-    tied = [len(s.get("epochs_tied_with_best") or []) for s in summaries]
-    untold = [(n, s.get("epochs")) for n, s in zip(tied, summaries)
-              if n > 1 and s.get("best_epoch") is not None and not s.get("tie_breaker")]
-    if not untold:
-        return None
-    spans = ", ".join(f"{n} of {epochs}" for n, epochs in untold)
-    return (f"{len(untold)} of {len(summaries)} slide-model fits kept the first of several epochs tied on validation "
-            f"AUC ({spans} epochs tied), so validation did not choose their epoch; more validation slides or folds "
-            "(--cohort.fold) let it, or mil_options.checkpoint.tie_breaker: val_loss keeps the lowest-loss tied epoch")
+    runs = [path.parent for index in rounds for path in sorted((out / f"round_{index}").glob(f"*/{FIT_SUMMARY}"))]
+    return tied_fits_warning(runs, "more validation slides or folds (--cohort.fold) let it, or "
+                                   "mil_options.checkpoint.tie_breaker: val_loss keeps the lowest-loss tied epoch")
 
 
 def main(argv: list[str] | None = None) -> None:

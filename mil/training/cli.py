@@ -230,6 +230,21 @@ def tied_epoch_warnings_held() -> Iterator[None]:
         _TIED_EPOCH_LINES_HELD = before
 
 
+def tied_fits_warning(run_dirs: list[Path], remedy: str) -> str | None:
+    """One line for many fits (``mil hnm``, ``mil cv``): how many kept the first of several epochs tied on the
+    validation score, from their ``fit_summary.json``; fits a tie-breaker chose, or without a record, are not
+    counted. None when there are none."""
+    summaries = [json.loads((run / SUMMARY).read_text()) for run in run_dirs if (run / SUMMARY).is_file()]
+    untold = [(len(s.get("epochs_tied_with_best") or []), s.get("epochs")) for s in summaries]
+    untold = [(n, epochs) for (n, epochs), s in zip(untold, summaries)
+              if n > 1 and s.get("best_epoch") is not None and not s.get("tie_breaker")]
+    if not untold:
+        return None
+    spans = ", ".join(f"{n} of {epochs}" for n, epochs in untold)
+    return (f"{len(untold)} of {len(summaries)} slide-model fits kept the first of several epochs tied on validation "
+            f"AUC ({spans} epochs tied), so validation did not choose their epoch; {remedy}")
+
+
 def tied_epoch_warning(root: Path, best: ModelCheckpoint, tied: list[int], epochs: int) -> str | None:
     """A line for a fit whose kept epoch validation did not choose: its score ties with other epochs' and the first
     tied epoch was kept. On small validation sets AUC often reads 1.0 from epoch 0, and epoch 0 is barely trained."""
