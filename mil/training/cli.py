@@ -194,15 +194,15 @@ class MILCLI(LightningCLI):
         metrics = write_run_metrics(root) if trainer.is_global_zero else None
         if trainer.is_global_zero:
             score = best_callback.best_model_score
-            write_json(root / SUMMARY, {
+            summary = {
                 "best_checkpoint": best, "best_val_auc": None if score is None else float(score),
                 "best_epoch": best_epoch, "epochs_tied_with_best": tied,
                 "tie_breaker": getattr(best_callback, "tie_breaker", None),
                 "epochs": trainer.current_epoch, "val": val[0] if val else {}, "metrics": metrics or {},
-            })
-            tied_warning = tied_epoch_warning(root, best_callback, tied, trainer.current_epoch)
-            if tied_warning and not _TIED_EPOCH_LINES_HELD:
-                print(f"warning: {tied_warning}", flush=True)
+            }
+            write_json(root / SUMMARY, summary)
+            if epoch_unchosen(summary) and not _TIED_EPOCH_LINES_HELD:
+                print(f"warning: {tied_epoch_warning(root, summary, best_callback.monitor)}", flush=True)
 
     def after_validate(self) -> None:
         self._metrics()
@@ -230,27 +230,29 @@ def tied_epoch_warnings_held() -> Iterator[None]:
         _TIED_EPOCH_LINES_HELD = before
 
 
+def epoch_unchosen(summary: dict[str, Any]) -> bool:
+    """Whether validation did not choose a finished fit's epoch: several epochs tied with the kept one on the
+    validation score and no tie-breaker chose among them (Lightning then keeps the first)."""
+    return len(summary.get("epochs_tied_with_best") or []) > 1 and not summary.get("tie_breaker")
+
+
 def tied_fits_warning(run_dirs: list[Path], remedy: str) -> str | None:
-    """One line for many fits (``mil hnm``, ``mil cv``): how many kept the first of several epochs tied on the
-    validation score, from their ``fit_summary.json``; fits a tie-breaker chose, or without a record, are not
-    counted. None when there are none."""
+    """One line for many fits (``mil hnm``, ``mil cv``): how many of them validation did not choose the epoch of,
+    from their ``fit_summary.json`` (:func:`epoch_unchosen`). None when there are none."""
     summaries = [json.loads((run / SUMMARY).read_text()) for run in run_dirs if (run / SUMMARY).is_file()]
-    untold = [(len(s.get("epochs_tied_with_best") or []), s.get("epochs")) for s in summaries]
-    untold = [(n, epochs) for (n, epochs), s in zip(untold, summaries)
-              if n > 1 and s.get("best_epoch") is not None and not s.get("tie_breaker")]
-    if not untold:
+    unchosen = [s for s in summaries if epoch_unchosen(s)]
+    if not unchosen:
         return None
-    spans = ", ".join(f"{n} of {epochs}" for n, epochs in untold)
-    return (f"{len(untold)} of {len(summaries)} slide-model fits kept the first of several epochs tied on validation "
-            f"AUC ({spans} epochs tied), so validation did not choose their epoch; {remedy}")
+    spans = ", ".join(f"{len(s['epochs_tied_with_best'])} of {s.get('epochs')}" for s in unchosen)
+    return (f"{len(unchosen)} of {len(summaries)} slide-model fits kept the first of several epochs tied on "
+            f"validation AUC ({spans} epochs tied), so validation did not choose their epoch; {remedy}")
 
 
-def tied_epoch_warning(root: Path, best: ModelCheckpoint, tied: list[int], epochs: int) -> str | None:
-    """A line for a fit whose kept epoch validation did not choose: its score ties with other epochs' and the first
-    tied epoch was kept. On small validation sets AUC often reads 1.0 from epoch 0, and epoch 0 is barely trained."""
-    if len(tied) < 2 or getattr(best, "tie_breaker", None) or best.best_model_score is None:
-        return None
-    return (f"{root}: {best.monitor} {float(best.best_model_score):.3f} at {len(tied)} of {epochs} epochs, so "
+def tied_epoch_warning(root: Path, summary: dict[str, Any], monitor: str | None) -> str:
+    """The line for one fit whose epoch validation did not choose (:func:`epoch_unchosen`). On small validation
+    sets AUC often reads 1.0 from epoch 0, and epoch 0 is barely trained."""
+    tied = summary["epochs_tied_with_best"]
+    return (f"{root}: {monitor} {summary['best_val_auc']:.3f} at {len(tied)} of {summary['epochs']} epochs, so "
             f"validation did not choose the epoch kept (epoch {tied[0]}, the first of them); more validation "
             "slides let it choose, or --checkpoint.tie_breaker val_loss keeps the tied epoch with the lowest loss")
 
