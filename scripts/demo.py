@@ -31,7 +31,7 @@ from mil.evaluation.cli import main as evaluate  # noqa: E402
 from mil.evaluation.heatmap import main as heatmap  # noqa: E402
 from mil.mining.layout import RoundPaths  # noqa: E402
 from mil.mining.loop import main as hnm  # noqa: E402
-from mil.training.cli import fit, test  # noqa: E402
+from mil.training.cli import fit, test, tied_epoch_warnings_held, tied_fits_warning  # noqa: E402
 
 # Aggregators compared on the frozen round-0 features: (label, config, extra options).
 CPU_TRAINER = ["--trainer.accelerator", "cpu", "--trainer.max_epochs", "30", "--trainer.enable_progress_bar", "false",
@@ -49,16 +49,23 @@ def step(command: str, function: Callable[[list[str]], None], argv: list[str]) -
 
 
 def compare_models(out: Path, cohort: Path, features: Path) -> pd.DataFrame:
-    rows = []
-    for label, config, extra in MODELS:
-        run = out / "models" / config.split("/")[-1].removesuffix(".yaml")
-        data = ["--data.features", str(features), "--data.labels", str(cohort / "labels.csv")]
-        step("mil fit", fit, ["--config", config, *data, *CPU_TRAINER, *extra, "--trainer.default_root_dir", str(run)])
-        if not any((run / "patch_scores").glob("*.h5")):
-            step("mil test", test, ["--config", str(run / "config.yaml")])
-        step("mil evaluate", evaluate, ["--run", str(run), "--annotations", str(cohort / "annotations"),
-                                        "--features", str(features), "--n_bootstrap", "500"])
-        rows.append({"model": label, **headline(run / "metrics.json")})
+    rows, runs = [], []
+    with tied_epoch_warnings_held():  # one line for the three fits, below, as `mil hnm` does for its own
+        for label, config, extra in MODELS:
+            run = out / "models" / config.split("/")[-1].removesuffix(".yaml")
+            runs.append(run)
+            data = ["--data.features", str(features), "--data.labels", str(cohort / "labels.csv")]
+            step("mil fit", fit, ["--config", config, *data, *CPU_TRAINER, *extra,
+                                  "--trainer.default_root_dir", str(run)])
+            if not any((run / "patch_scores").glob("*.h5")):
+                step("mil test", test, ["--config", str(run / "config.yaml")])
+            step("mil evaluate", evaluate, ["--run", str(run), "--annotations", str(cohort / "annotations"),
+                                            "--features", str(features), "--n_bootstrap", "500"])
+            rows.append({"model": label, **headline(run / "metrics.json")})
+    tied = tied_fits_warning(runs, "the table below reports those first tied epochs (docs/mil.md, "
+                                   "\"Checkpoints and resuming\")")
+    if tied:
+        print(f"warning: {tied}", flush=True)
     return pd.DataFrame(rows)
 
 
