@@ -32,6 +32,7 @@ from torch import nn
 from features.attention_pool import AttentionPooledTrunk
 from features.encoder_weights import to_timm_layout
 from features.errors import InputError
+from features.provenance import package_version
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 TRUNCATED = {"resnet50_trunc": ("resnet50", 3)}  # CLAM's ResNet-50 cut after layer3: 1024-d, stride 16
@@ -148,15 +149,6 @@ class ClassAndMeanTokens(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.trunk.forward_features(x)
         return torch.cat([tokens[:, 0], tokens[:, self.trunk.num_prefix_tokens:].mean(dim=1)], dim=-1)
-
-
-def package_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("hnm-mil")
-    except Exception:  # noqa: BLE001 - running from a source tree that is not installed
-        return "0+unknown"
 
 
 def build_encoder(config: EncoderConfig, patch_size: int | None = None) -> Encoder:

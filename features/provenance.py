@@ -82,6 +82,21 @@ def transform_settings(transform: Any) -> dict[str, Any]:
 LIBRARIES = ("hnm-mil", "torch", "timm", "lightning", "torchmetrics", "numpy", "h5py", "jsonargparse", "scikit-learn")
 
 
+SOURCE_TREE_VERSION = "0.0.0+source"
+
+
+def package_version() -> str:
+    """hnm-mil's version as installed, or ``0.0.0+source`` run from a source tree that was never installed.
+
+    Read from the distribution, not ``features.__version__``: a tests/features folder on sys.path can shadow the
+    package's ``__init__`` in test runs.
+    """
+    try:
+        return metadata.version("hnm-mil")
+    except metadata.PackageNotFoundError:
+        return SOURCE_TREE_VERSION
+
+
 def versions() -> dict[str, Any]:
     """Library versions, Python, the device and torch's thread count: the one record of what computed an output.
 
@@ -92,8 +107,8 @@ def versions() -> dict[str, Any]:
     found: dict[str, Any] = {}
     for name in LIBRARIES:
         try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:  # hnm-mil run from a source tree that is not installed
+            found[name] = package_version() if name == "hnm-mil" else metadata.version(name)
+        except metadata.PackageNotFoundError:
             found[name] = "not installed"
     found["python"] = platform.python_version()
     found["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"

@@ -11,7 +11,6 @@ import json
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from features.errors import InputError
+from features.provenance import package_version
 from features.store import atomic_path, remove_stale_temporaries
 from features.synth.asap import write_asap
 from features.synth.render import SlideSpec, render_slide
@@ -224,16 +224,7 @@ def _record_settings(path: Path, config: CohortConfig) -> None:
                              "use a new --out or delete the folder")
         return
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps({"config": settings, "hnm_mil_version": _version()}, indent=1))
-
-
-def _version() -> str:
-    # Read from the distribution, not ``features.__version__``: a tests/features folder on sys.path can shadow
-    # the package's __init__ in test runs.
-    try:
-        return version("hnm-mil")
-    except PackageNotFoundError:
-        return "0.0.0+source"
+        tmp.write_text(json.dumps({"config": settings, "hnm_mil_version": package_version()}, indent=1))
 
 
 def _write_csv(path: Path, frame: pd.DataFrame) -> None:

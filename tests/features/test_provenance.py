@@ -511,3 +511,26 @@ def test_finetune_from_a_hub_store_trains_from_the_hub_file(hub_store, tmp_path,
     sidecar = json.loads(Path(f"{out}.json").read_text())
     assert sidecar["started_from"] == HUB_SOURCE and sidecar["steps"] > 0
     assert {key: sidecar["settings"]["encoder"][key] for key in CARD} == CARD
+
+
+def test_a_source_tree_records_one_version_everywhere(monkeypatch, tmp_path):
+    """Run from a source tree that was never installed, every record names the same stand-in version."""
+    from importlib import metadata
+
+    from features import provenance
+    from features.encoders import EncoderConfig, build_encoder
+    from features.synth.cohort import SETTINGS_NAME, _record_settings, config_from
+
+    installed = metadata.version
+
+    def version(name: str) -> str:
+        if name == "hnm-mil":
+            raise metadata.PackageNotFoundError(name)
+        return installed(name)
+
+    monkeypatch.setattr(metadata, "version", version)
+    assert provenance.versions()["hnm-mil"] == provenance.SOURCE_TREE_VERSION
+    encoder = build_encoder(EncoderConfig(name="resnet10t", pretrained=False, seed=0), patch_size=32)
+    assert encoder.attrs()["hnm_mil_version"] == provenance.SOURCE_TREE_VERSION
+    _record_settings(tmp_path / SETTINGS_NAME, config_from("demo", n_slides=2, seed=0))  # what write_cohort records
+    assert json.loads((tmp_path / SETTINGS_NAME).read_text())["hnm_mil_version"] == provenance.SOURCE_TREE_VERSION
