@@ -74,20 +74,26 @@ def test_cv_trains_a_real_fold_then_resumes(tmp_path, capsys):
     table["fold_0"] = ["train", "train", "train", "train", "val", "val", "test", "test"]
     table.to_csv(labels, index=False)
     argv = ["cv", "--fit_config", str(DEMO_CONFIG), "--out", str(tmp_path / "cv"), "--folds", "[0]",
-            "--", "--data.features", str(features), "--data.labels", str(labels), "--trainer.max_epochs", "1",
+            "--", "--data.features", str(features), "--data.labels", str(labels), "--trainer.max_epochs", "3",
             "--trainer.logger", "false"]
     assert mil_main(argv) == 0
     run = tmp_path / "cv" / run_name(0, 0)
+    # Two validation slides: AUC reads 1.0 at every epoch, so validation did not choose the epoch kept; the fold's
+    # own line is held and the summary ends with the one line for all folds.
+    assert json.loads((run / "fit_summary.json").read_text())["epochs_tied_with_best"] == [0, 1, 2]
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "warning:" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: 1 of 1 slide-model fits kept the first")
     saved, config = (yaml.safe_load(path.read_text()) for path in (run / "config.yaml", DEMO_CONFIG))
-    assert saved["trainer"]["max_epochs"] == 1 and saved["data"]["features"] == str(features)  # given after --
+    assert saved["trainer"]["max_epochs"] == 3 and saved["data"]["features"] == str(features)  # given after --
     assert saved["data"]["fold"] == 0 and saved["seed_everything"] == 0  # set by mil cv
     assert saved["model"]["lr"] == config["model"]["lr"]  # from the config
     slide = json.loads((run / "metrics.json").read_text())["slide"]
     assert slide["evaluated_split"] == "test" and slide["n_slides"] == 2
     assert pd.read_csv(tmp_path / "cv" / "cv_summary.csv", index_col="metric").loc["slide/auc", "n_runs"] == 1
-    capsys.readouterr()
     assert mil_main(argv) == 0
-    assert "fold_0_seed_0: finished earlier, skipped" in capsys.readouterr().out
+    resumed = capsys.readouterr().out
+    assert "fold_0_seed_0: finished earlier, skipped" in resumed
+    assert resumed.count("warning:") == 1 and "warning: 1 of 1 slide-model fits" in resumed  # read from the summary
 
 
 def test_a_misspelt_fit_option_stops_cv_before_any_fold_trains(tmp_path, capsys):
