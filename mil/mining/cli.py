@@ -83,14 +83,16 @@ def mine(args: MineArgs) -> pd.DataFrame:
           + f"  (from {len(table)} patches of {table['slide_id'].nunique()} training slides"
           + ("" if removed is None else f"; {removed} positive candidates dropped for a normal-slide twin")
           + ("" if near_hard is None else f", {near_hard} positives for a nearby hard negative") + ")")
-    pool, twins, near_test, count = (selection.attrs[key] for key in
-                                     ("candidate_pool", "twin_test", "near_hard_test", "positive_count"))
-    for warning in (pool["warning"], twins and twins["warning"], near_test and near_test["warning"], count["warning"]):
+    pool, twins, near_test, count, sites = (selection.attrs[key] for key in (
+        "candidate_pool", "twin_test", "near_hard_test", "positive_count", "site_mix"))
+    for warning in (pool["warning"], twins and twins["warning"], near_test and near_test["warning"], count["warning"],
+                    sites and sites["warning"]):
         if warning:
             print(f"warning: {warning}", flush=True)
     # Label-free numbers always; precision and composition only where annotations say what each patch is.
     report = {"candidate_pool": pool, "positive_twins_removed": removed, "twin_test": twins,
-              "positives_near_hard_negatives": near_hard, "near_hard_test": near_test, "positive_count": count}
+              "positives_near_hard_negatives": near_hard, "near_hard_test": near_test, "positive_count": count,
+              "site_mix": sites}
     if args.annotations:
         report.update(selection_quality(table, selection))
     write_quality(Path(args.out).with_name(QUALITY_NAME), report)

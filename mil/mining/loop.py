@@ -36,7 +36,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict
+from dataclasses import asdict, is_dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,8 @@ from features.errors import InputError
 from features.options import parse
 from features.store import atomic_path
 from mil.evaluation.ensemble import ENSEMBLE_NAME
-from mil.mining.provenance import FIX, SUMMARY_NAME, code_fingerprint, first_difference, fingerprint, prepare_folder
+from mil.mining.provenance import (FIX, SUMMARY_NAME, code_fingerprint, default_settings, first_difference,
+                                   fingerprint, prepare_folder)
 from mil.mining.settings import HNMArgs, RoundPaths, RoundPlan, plan, round_paths
 from mil.training.cli import SUMMARY as FIT_SUMMARY
 from mil.training.cli import tied_epoch_warnings_held, tied_fits_warning
@@ -76,13 +77,17 @@ class Stages:
 
     def run(self, name: str, body: Callable[[], object], settings: Any, inputs: Iterable[Path | str] = (),
             partial: Path | None = None) -> None:
+        """``settings``: the stage's arguments, a dataclass (a marker written before one of its fields existed
+        matches where that field holds its default) or the dict a command records."""
+        defaults = {"settings": default_settings(type(settings))} if is_dataclass(settings) else None
+        settings = asdict(settings) if is_dataclass(settings) else settings
         record = {"settings": self.spell(without_display(json.loads(json.dumps(settings, default=str)))),
                   "inputs": {self.spell(str(path)): fingerprint(str(path)) for path in inputs}}
         marker = self.marker(name)
         if marker.is_file():
             stored = json.loads(marker.read_text())
             stored["settings"] = without_display(stored.get("settings"))  # markers written before DISPLAY_ONLY
-            difference = first_difference({key: stored.get(key) or {} for key in record}, record)
+            difference = first_difference({key: stored.get(key) or {} for key in record}, record, defaults)
             if difference:
                 key, old, new = difference
                 raise InputError(f"{marker}: stage {name} ran with other settings or inputs ({key} was {old!r}, now "
@@ -156,31 +161,31 @@ def run_round(args: HNMArgs, step: RoundPlan) -> dict[str, Any]:
     done = lambda paths, name: paths.root / f".{name}.done"  # noqa: E731
 
     if step.tile is not None:
-        stages.run("tile", lambda: run_tile(step.tile), asdict(step.tile))
+        stages.run("tile", lambda: run_tile(step.tile), step.tile)
     if step.pretrain is not None:
-        stages.run("pretrain", lambda: pretrain(step.pretrain), asdict(step.pretrain), [done(first, "tile")])
+        stages.run("pretrain", lambda: pretrain(step.pretrain), step.pretrain, [done(first, "tile")])
     if step.finetune is not None:
         previous = round_paths(out, step.index - 1)
         start = [step.finetune.encoder.weights] if step.finetune.encoder.weights else []
-        stages.run("finetune", lambda: finetune(step.finetune), asdict(step.finetune),
+        stages.run("finetune", lambda: finetune(step.finetune), step.finetune,
                    [done(previous, "mine"), previous.selection, *start])
     upstream = [done(first, "tile"), *([done(here, "pretrain")] if step.pretrain is not None else []),
                 *([done(here, "finetune")] if step.finetune is not None else [])]
-    stages.run("extract", lambda: run_extract(step.extract), asdict(step.extract), upstream)
+    stages.run("extract", lambda: run_extract(step.extract), step.extract, upstream)
     stages.run("fit", lambda: fit(step.fit), step.fit.recorded(), [args.mil_config, done(here, "extract")],
                partial=here.mil)
     for seed, command in step.fit_seeds.items():
         stages.run(f"fit_seed{seed}", lambda command=command: fit(command), command.recorded(),
                    [args.mil_config, done(here, "extract")], partial=here.mil_seed(seed))
     if step.ensemble is not None:
-        stages.run("ensemble", lambda: ensemble(step.ensemble), asdict(step.ensemble),
+        stages.run("ensemble", lambda: ensemble(step.ensemble), step.ensemble,
                    [done(here, "fit"), *(done(here, f"fit_seed{seed}") for seed in step.fit_seeds)],
                    partial=here.mil_ensemble)
     reported = done(here, "ensemble" if step.ensemble is not None else "fit")
     stages.run("predict_train", lambda: predict(step.predict.updated({"ckpt_path": best_checkpoint(here.mil)})),
                step.predict.recorded(), [done(here, "fit")], partial=here.mil_train)
     stages.run("evaluate", lambda: evaluate(step.evaluate), yaml_texts(step.evaluate_given), [reported])
-    stages.run("mine", lambda: mine(step.mine), asdict(step.mine), [done(here, "predict_train"), done(here, "extract")])
+    stages.run("mine", lambda: mine(step.mine), step.mine, [done(here, "predict_train"), done(here, "extract")])
     return summary_row(step.index, here, stages.seconds, step.evaluated)
 
 

@@ -16,7 +16,7 @@ import json
 import re
 import shutil
 from collections.abc import Mapping
-from dataclasses import asdict
+from dataclasses import MISSING, asdict, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -94,10 +94,35 @@ def input_hashes(args: HNMArgs) -> dict[str, str | None]:
     }
 
 
-def first_difference(before: Mapping[str, Any], now: Mapping[str, Any]) -> tuple[str, Any, Any] | None:
-    """The first dotted key whose value differs (a key present on one side only counts)."""
+def default_settings(cls: type) -> dict[str, Any]:
+    """The defaults of a settings dataclass, nested as ``asdict`` nests them (fields without a default left out)."""
+    found: dict[str, Any] = {}
+    for item in fields(cls):
+        if item.default is not MISSING:
+            value = item.default
+        elif item.default_factory is not MISSING:
+            value = item.default_factory()
+        elif isinstance(item.type, type) and is_dataclass(item.type):
+            found[item.name] = default_settings(item.type)
+            continue
+        else:
+            continue
+        found[item.name] = asdict(value) if is_dataclass(value) else value
+    return json.loads(json.dumps(found, default=str))
+
+
+def first_difference(before: Mapping[str, Any], now: Mapping[str, Any],
+                     defaults: Mapping[str, Any] | None = None) -> tuple[str, Any, Any] | None:
+    """The first dotted key whose value differs (a key present on one side only counts).
+
+    A key of ``defaults`` that ``before`` lacks and ``now`` holds at its default is no difference: the setting
+    was added after the record was written, and a new setting's default keeps what the code did before it.
+    """
     old, new = dotted(before, leaves=()), dotted(now, leaves=())
+    added = dotted(defaults or {}, leaves=())
     for key in sorted(set(old) | set(new)):
+        if key not in old and key in added and new.get(key) == added[key]:
+            continue
         if old.get(key, "<absent>") != new.get(key, "<absent>"):
             return key, old.get(key, "<absent>"), new.get(key, "<absent>")
     return None
@@ -129,7 +154,8 @@ def prepare_folder(args: HNMArgs) -> None:
     elif (out / CONFIG_NAME).is_file():
         before = yaml.safe_load((out / CONFIG_NAME).read_text()) or {}
         stored = json.loads((out / INPUTS_NAME).read_text()) if (out / INPUTS_NAME).is_file() else {}
-        difference = first_difference(comparable(before, stored), comparable(config, hashes))
+        difference = first_difference(comparable(before, stored), comparable(config, hashes),
+                                      comparable(default_settings(HNMArgs), {}))
         if difference:
             key, old, new = difference
             what = (f"the content of {key.removesuffix(' (content)')} changed" if key.endswith("(content)")

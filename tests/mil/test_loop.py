@@ -264,6 +264,36 @@ def test_display_settings_do_not_stop_a_resume(tmp_path):
         loop.Stages(tmp_path, spell).run("fit", lambda: ran.append(3), other.recorded())
 
 
+def test_a_setting_added_since_a_folder_was_made_resumes_at_its_default(tmp_path):
+    """A loop folder and a stage marker written before a setting existed resume while it holds its default (which
+    keeps what the code did before it), and are refused once it does not."""
+    from mil.mining.cli import MineArgs
+
+    args = settings.HNMArgs(cohort=settings.Cohort(slides="s", labels="l"), out=str(tmp_path))
+    provenance.prepare_folder(args)
+    stored = yaml.safe_load((tmp_path / provenance.CONFIG_NAME).read_text())
+    del stored["mining"]["hard_negatives_by_site"]  # as written before the setting existed
+    (tmp_path / provenance.CONFIG_NAME).write_text(yaml.safe_dump(stored))
+    provenance.prepare_folder(args)
+    (tmp_path / provenance.CONFIG_NAME).write_text(yaml.safe_dump(stored))
+    args.mining.hard_negatives_by_site = True
+    with pytest.raises(InputError, match="mining.hard_negatives_by_site was '<absent>', now True"):
+        provenance.prepare_folder(args)
+
+    spell, ran = loop.spelling(args), []
+    mine = MineArgs(scores="s", labels="l", out="o")
+    loop.Stages(tmp_path, spell).run("mine", lambda: ran.append(1), mine)
+    marker = tmp_path / ".mine.done"
+    record = json.loads(marker.read_text())
+    del record["settings"]["mining"]["hard_negatives_by_site"]
+    marker.write_text(json.dumps(record))
+    loop.Stages(tmp_path, spell).run("mine", lambda: ran.append(2), mine)
+    assert ran == [1]
+    mine.mining.hard_negatives_by_site = True
+    with pytest.raises(InputError, match="stage mine ran with other settings .*hard_negatives_by_site was '<absent>'"):
+        loop.Stages(tmp_path, spell).run("mine", lambda: ran.append(3), mine)
+
+
 def test_fits_whose_epoch_validation_did_not_choose_are_summed_up_in_one_line(tmp_path):
     """The loop holds each fit's tied-epoch line and says it once, counting only fits that kept the first tied
     epoch (not those a tie-breaker chose, nor untied ones), over the rounds it ran."""
