@@ -55,13 +55,6 @@ class MiningConfig:
     """Caps keep a fine-tuning epoch bounded on huge cohorts."""
     max_hard_negatives: int | None = None
     """Cap on hard negatives (None = no cap)."""
-    hard_negatives_by_site: bool = False
-    """Share the hard negatives out over sites as the positives are (needs a ``site`` column in the labels CSV):
-    positives from one hospital and hard negatives from another would let fine-tuning learn the site's stain,
-    not tumor. Off: the top-scored normal-slide patches, whatever their site."""
-    min_site_overlap: float = 0.5
-    """Label-free check: warn when the site mix of the positives and of the hard negatives overlap less than this
-    (shared share, 0-1; needs a ``site`` column)."""
     twins: TwinFilter = field(default_factory=TwinFilter)
     """Candidates with a close twin on a normal slide are not trusted as positives (mil/mining/twins.py); needs the
     round's features. ``twins.k = 0`` turns the test off."""
@@ -141,8 +134,6 @@ def select_patches(table: pd.DataFrame, config: MiningConfig, round_index: int =
     normal = np.flatnonzero(labels == 0)
     sites = table["site"].to_numpy(dtype=object) if "site" in table.columns else None
     hard = _top_fraction(normal, probs, config.neg_ratio, config.min_hard_negatives, config.max_hard_negatives)
-    if config.hard_negatives_by_site and sites is not None:
-        hard = sites_like_positives(normal, probs, sites, np.flatnonzero(positive), len(hard))
     tumor_slides = int(pd.unique(slide_ids[labels == 1]).size)
     positive, near_hard = _drop_near_hard_negatives(table, positive, hard, config, features, tumor_slides)
     few = few_positives(int(positive.sum()), tumor_slides)
@@ -171,52 +162,34 @@ def select_patches(table: pd.DataFrame, config: MiningConfig, round_index: int =
     selection.attrs["near_hard_test"] = near_hard
     selection.attrs["candidate_pool"] = pool
     selection.attrs["positive_count"] = few
-    selection.attrs["site_mix"] = None if sites is None else site_mix(sites[positive], sites[hard], config)
+    tumor_slide_sites = None if sites is None else pd.unique(sites[labels == 1].astype(str))
+    selection.attrs["site_mix"] = None if sites is None else site_mix(sites[positive], sites[hard], tumor_slide_sites)
     return selection
 
 
-def sites_like_positives(normal: np.ndarray, probs: np.ndarray, sites: np.ndarray, positives: np.ndarray,
-                         count: int) -> np.ndarray:
-    """``count`` hard negatives shared out over sites as the positives are, each site's top-scored normal patches.
+def site_mix(positive_sites: np.ndarray, hard_sites: np.ndarray, tumor_slide_sites: np.ndarray) -> dict:
+    """Label-free check: do the positives span the sites (hospitals, scanners) of the training tumor slides?
 
-    Quotas follow the positives' site counts (largest remainders); a site with too few normal-slide patches leaves
-    its rest to the top-scored patches of any site, so the count stays what ``neg_ratio`` asked for.
-    """
-    if not len(positives) or not len(normal):
-        return _top_fraction(normal, probs, 1.0, 0, count)
-    names, counts = np.unique(sites[positives].astype(str), return_counts=True)
-    exact = counts / counts.sum() * count
-    quota = np.floor(exact).astype(int)
-    quota[np.argsort(-(exact - quota), kind="stable")[:count - quota.sum()]] += 1
-    chosen = [_top_fraction(normal[sites[normal].astype(str) == name], probs, 1.0, 0, int(n))
-              for name, n in zip(names, quota)]
-    hard = np.concatenate([np.zeros(0, dtype=np.int64), *chosen])
-    short = count - len(hard)
-    if short > 0:
-        hard = np.concatenate([hard, _top_fraction(np.setdiff1d(normal, hard), probs, 1.0, 0, short)])
-    return np.sort(hard)
-
-
-def site_mix(positive_sites: np.ndarray, hard_sites: np.ndarray, config: MiningConfig) -> dict:
-    """Label-free check: do the positives and the hard negatives come from the same sites?
-
-    Fine-tuning contrasts the two; when they come from different hospitals, the stain and scanner of each
-    separate them as well as tumor does, and the encoder can learn the site (a synthetic cohort whose 10 positives
-    were all from one site and whose hard negatives were mostly from another lost patch AUC 0.88 -> 0.58).
-    ``overlap`` is the share the two site mixes have in common (1: the same mix, 0: no site in common).
+    Fine-tuning learns tumor from the positives. Positives from one site teach tumor as that site's stain shows
+    it: on a synthetic cohort whose 10 positives all came from one of three sites, the refreshed encoder scored
+    that site's tumor far above normal tissue and the other sites' tumor below it (patch AUC 0.88 -> 0.58).
+    ``overlap``, the share the site mixes of positives and hard negatives have in common (1: the same mix, 0: no
+    site in common), is reported beside it: taking the hard negatives from the positives' sites did not mend that
+    cohort (docs/method.md).
     """
     positive = pd.Series(positive_sites, dtype=object).astype(str).value_counts()
     hard = pd.Series(hard_sites, dtype=object).astype(str).value_counts()
     overlap = float(np.minimum(positive / positive.sum(), hard / hard.sum()).fillna(0).sum()) if (
         len(positive) and len(hard)) else None
+    tumor_sites = sorted(map(str, tumor_slide_sites))
+    covered = [site for site in tumor_sites if site in positive.index]
     warning = None
-    if overlap is not None and overlap < config.min_site_overlap and not config.hard_negatives_by_site:
-        warning = (f"positives and hard negatives come from different sites (positives {_mix(positive)}; hard "
-                   f"negatives {_mix(hard)}; {overlap:.0%} in common): fine-tuning can learn the site's stain "
-                   "instead of tumor; set mining.hard_negatives_by_site true")
+    if len(tumor_sites) >= 2 and 2 * len(covered) <= len(tumor_sites):
+        warning = (f"positives come from {len(covered)} of the {len(tumor_sites)} sites of the training tumor slides "
+                   f"({_mix(positive) or 'none'}): fine-tuning learns tumor as {'/'.join(covered) or 'no site'} "
+                   "shows it; compare the rounds on validation slides of the other sites")
     return {"positives": {k: int(v) for k, v in positive.items()}, "hard_negatives": {k: int(v) for k, v in hard.items()},
-            "overlap": overlap, "min_overlap": config.min_site_overlap, "by_site": config.hard_negatives_by_site,
-            "warning": warning}
+            "tumor_slide_sites": tumor_sites, "overlap": overlap, "warning": warning}
 
 
 def _mix(counts: pd.Series) -> str:

@@ -272,12 +272,12 @@ def test_a_setting_added_since_a_folder_was_made_resumes_at_its_default(tmp_path
     args = settings.HNMArgs(cohort=settings.Cohort(slides="s", labels="l"), out=str(tmp_path))
     provenance.prepare_folder(args)
     stored = yaml.safe_load((tmp_path / provenance.CONFIG_NAME).read_text())
-    del stored["mining"]["hard_negatives_by_site"]  # as written before the setting existed
+    del stored["mining"]["normal_quantile"]  # as written before the setting existed
     (tmp_path / provenance.CONFIG_NAME).write_text(yaml.safe_dump(stored))
     provenance.prepare_folder(args)
     (tmp_path / provenance.CONFIG_NAME).write_text(yaml.safe_dump(stored))
-    args.mining.hard_negatives_by_site = True
-    with pytest.raises(InputError, match="mining.hard_negatives_by_site was '<absent>', now True"):
+    args.mining.normal_quantile = 0.99
+    with pytest.raises(InputError, match="mining.normal_quantile was '<absent>', now 0.99"):
         provenance.prepare_folder(args)
 
     spell, ran = loop.spelling(args), []
@@ -285,12 +285,12 @@ def test_a_setting_added_since_a_folder_was_made_resumes_at_its_default(tmp_path
     loop.Stages(tmp_path, spell).run("mine", lambda: ran.append(1), mine)
     marker = tmp_path / ".mine.done"
     record = json.loads(marker.read_text())
-    del record["settings"]["mining"]["hard_negatives_by_site"]
+    del record["settings"]["mining"]["normal_quantile"]
     marker.write_text(json.dumps(record))
     loop.Stages(tmp_path, spell).run("mine", lambda: ran.append(2), mine)
     assert ran == [1]
-    mine.mining.hard_negatives_by_site = True
-    with pytest.raises(InputError, match="stage mine ran with other settings .*hard_negatives_by_site was '<absent>'"):
+    mine.mining.normal_quantile = 0.99
+    with pytest.raises(InputError, match="stage mine ran with other settings .*normal_quantile was '<absent>'"):
         loop.Stages(tmp_path, spell).run("mine", lambda: ran.append(3), mine)
 
 

@@ -411,49 +411,38 @@ def test_candidate_pool_warns_when_most_of_a_tumor_slide_is_a_candidate(tmp_path
                   "--mining.normal_quantile", "99.9"])
 
 
-def test_hard_negatives_follow_the_positives_sites_when_asked():
-    # Positives all from site C; site B's normal patches score highest, so by score every hard negative is B's.
-    patches = table([("t1", 1, [0.9, 0.8, 0.1, 0.1]), ("nb", 0, list(np.linspace(0.5, 0.9, 10))),
-                     ("nc", 0, list(np.linspace(0.05, 0.4, 10)))])
-    patches["site"] = patches["slide_id"].map({"t1": "C", "nb": "B", "nc": "C"})
-    config = MiningConfig(neg_ratio=0.2, positives=PositiveSchedule(start=1.0))
-    by_score = select_patches(patches, config)
-    assert set(by_score.loc[by_score.kind == "hard_negative", "slide_id"]) == {"nb"}
-    mix = by_score.attrs["site_mix"]
-    assert mix["positives"] == {"C": 2} and mix["hard_negatives"] == {"B": 4} and mix["overlap"] == 0
-    assert "different sites" in mix["warning"] and "hard_negatives_by_site" in mix["warning"]
-    matched = select_patches(patches, replace(config, hard_negatives_by_site=True))
-    hard = matched[matched.kind == "hard_negative"]
-    assert len(hard) == 4 and set(hard["slide_id"]) == {"nc"}  # as many, from site C, its top-scored ones
-    assert sorted(hard["prob"].round(4)) == sorted(np.round(np.linspace(0.05, 0.4, 10)[-4:], 4))
-    assert matched.attrs["site_mix"]["overlap"] == 1 and matched.attrs["site_mix"]["warning"] is None
+def test_positives_from_few_of_the_tumor_slides_sites_are_flagged():
+    rows = [("ta", 1, [0.9, 0.9]), ("tb", 1, [0.1, 0.1]), ("tc", 1, [0.1, 0.1]), ("na", 0, [0.5, 0.2, 0.1, 0.1]),
+            ("nb", 0, [0.6, 0.2]), ("nc", 0, [0.7, 0.2])]
+    config = MiningConfig(neg_ratio=0.5, positives=PositiveSchedule(start=1.0))
 
+    def mix(rows):
+        patches = table(rows)
+        patches["site"] = patches["slide_id"].str[1]
+        return select_patches(patches, config).attrs["site_mix"]
 
-def test_site_quotas_follow_the_positives_and_a_short_site_is_filled_by_score():
-    patches = table([("ta", 1, [0.9, 0.9, 0.9]), ("tb", 1, [0.9]), ("na", 0, [0.2, 0.3]),
-                     ("nb", 0, list(np.linspace(0.1, 0.6, 14)))])
-    patches["site"] = patches["slide_id"].str[1]
-    config = MiningConfig(neg_ratio=0.5, positives=PositiveSchedule(start=1.0), hard_negatives_by_site=True)
-    hard = select_patches(patches, config).query("kind == 'hard_negative'")
-    # 8 hard negatives, 3:1 like the positives: 6 from site a, which has 2, so its other 4 go to the top of the rest.
-    assert len(hard) == 8 and (hard["slide_id"] == "na").sum() == 2 and (hard["slide_id"] == "nb").sum() == 6
-    assert sorted(hard.loc[hard.slide_id == "nb", "prob"].round(4)) == sorted(np.round(np.linspace(0.1, 0.6, 14)[-6:], 4))
+    one = mix(rows)
+    assert one["positives"] == {"a": 2} and one["tumor_slide_sites"] == ["a", "b", "c"]
+    assert one["hard_negatives"] == {"a": 2, "b": 1, "c": 1} and one["overlap"] == pytest.approx(0.5)
+    assert one["warning"].startswith("positives come from 1 of the 3 sites of the training tumor slides (a 2)")
+    rows[1] = ("tb", 1, [0.9, 0.1])
+    assert mix(rows)["warning"] is None  # two of the three sites
 
 
 def test_mine_reads_sites_from_the_labels_and_warns_in_one_line(tmp_path, capsys):
     scores = tmp_path / "run" / "patch_scores"
     write_scores(scores, "t1", [0.9, 0.6, 0.2, 0.1])
+    write_scores(scores, "t2", [0.2, 0.1])
     write_scores(scores, "n1", [0.8, 0.7, 0.1, 0.1, 0.05])
-    write_scores(scores, "n2", [0.1, 0.1])
     labels = tmp_path / "labels.csv"
-    labels.write_text("slide_id,label,split,site\nt1,tumor,train,A\nn1,normal,train,B\nn2,normal,train, A\n")
+    labels.write_text("slide_id,label,split,site\nt1,tumor,train, A\nt2,tumor,train,B\nn1,normal,train,B\n")
     out = tmp_path / "selection.csv"
-    argv = ["--scores", str(tmp_path / "run"), "--labels", str(labels), "--out", str(out), "--mining.neg_ratio", "0.3"]
-    cli.main(argv)
-    warnings = [line for line in capsys.readouterr().out.splitlines() if "different sites" in line]
-    assert len(warnings) == 1 and "positives A 1; hard negatives B 2" in warnings[0]
+    cli.main(["--scores", str(tmp_path / "run"), "--labels", str(labels), "--out", str(out)])
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: positives come")]
+    assert len(warnings) == 1 and "1 of the 2 sites of the training tumor slides (A 1)" in warnings[0]
     report = json.loads((tmp_path / "selection_quality.json").read_text())["site_mix"]
-    assert report["overlap"] == 0 and report["by_site"] is False
-    cli.main([*argv, "--mining.hard_negatives_by_site", "true"])
-    assert "different sites" not in capsys.readouterr().out
-    assert set(read_selection(out).query("kind == 'hard_negative'")["slide_id"]) == {"n2"}
+    assert report["tumor_slide_sites"] == ["A", "B"] and report["hard_negatives"] == {"B": 1} and report["overlap"] == 0
+    labels.write_text("slide_id,label,split\nt1,tumor,train\nt2,tumor,train\nn1,normal,train\n")
+    cli.main(["--scores", str(tmp_path / "run"), "--labels", str(labels), "--out", str(out)])
+    assert "warning: positives come" not in capsys.readouterr().out
+    assert json.loads((tmp_path / "selection_quality.json").read_text())["site_mix"] is None
