@@ -45,6 +45,9 @@ class MiningConfig:
     rarely covers half of all tumor-slide tissue (metastases are mostly small), so such a pool is mostly not tumor."""
     positives: PositiveSchedule = field(default_factory=PositiveSchedule)
     """Self-paced schedule of the positive fraction."""
+    positives_by_site: bool = False
+    """Apply the positive fraction within each site (the labels CSV's ``site`` column), at least one positive per
+    site with candidates: a site whose stain lifts its scores no longer supplies every positive."""
     neg_ratio: float = 0.1
     """Fraction of all normal-slide training patches kept as hard negatives (top by score)."""
     random_ratio: float = 0.0
@@ -92,7 +95,7 @@ def read_slide_labels(path: str | Path, fold: int | None = None, label_map: dict
         raise InputError(f"{path}: labels {bad} are not binary; map them with --label_map")
     frame = pd.DataFrame({"slide_id": table["slide_id"].to_numpy(), "label": table["label"].to_numpy(dtype=int),
                           "split": table[split_column].to_numpy()})
-    if "site" in table.columns:  # the slide's hospital or scanner: mining can balance hard negatives over sites
+    if "site" in table.columns:  # the slide's hospital or scanner: mining reads it for its site checks
         frame["site"] = table["site"].str.strip().to_numpy()
     return frame
 
@@ -129,10 +132,11 @@ def select_patches(table: pd.DataFrame, config: MiningConfig, round_index: int =
     candidates = np.flatnonzero((labels == 1) & (probs >= threshold))
     twins = _twin_test(table, candidates, config, round_index, features)
     eligible, removed = _eligible(twins, candidates, len(table))
-    positive = pseudo_positive_mask(slide_ids, labels, probs, threshold, fraction, eligible)
+    sites = table["site"].to_numpy(dtype=object).astype(str) if "site" in table.columns else None
+    positive = pseudo_positive_mask(slide_ids, labels, probs, threshold, fraction, eligible,
+                                    sites if config.positives_by_site else None)
     positive = _cap(positive, probs, config.max_positives)
     normal = np.flatnonzero(labels == 0)
-    sites = table["site"].to_numpy(dtype=object) if "site" in table.columns else None
     hard = _top_fraction(normal, probs, config.neg_ratio, config.min_hard_negatives, config.max_hard_negatives)
     tumor_slides = int(pd.unique(slide_ids[labels == 1]).size)
     positive, near_hard = _drop_near_hard_negatives(table, positive, hard, config, features, tumor_slides)
@@ -162,7 +166,7 @@ def select_patches(table: pd.DataFrame, config: MiningConfig, round_index: int =
     selection.attrs["near_hard_test"] = near_hard
     selection.attrs["candidate_pool"] = pool
     selection.attrs["positive_count"] = few
-    tumor_slide_sites = None if sites is None else pd.unique(sites[labels == 1].astype(str))
+    tumor_slide_sites = None if sites is None else pd.unique(sites[labels == 1])
     selection.attrs["site_mix"] = None if sites is None else site_mix(sites[positive], sites[hard], tumor_slide_sites)
     return selection
 

@@ -43,13 +43,15 @@ class PositiveSchedule:
 
 
 def pseudo_positive_mask(slide_ids: np.ndarray, slide_labels: np.ndarray, probs: np.ndarray, threshold: float,
-                         fraction: float, eligible: np.ndarray | None = None) -> np.ndarray:
+                         fraction: float, eligible: np.ndarray | None = None,
+                         groups: np.ndarray | None = None) -> np.ndarray:
     """Mask of pseudo-positive patches: the top ``fraction`` (by probability) of tumor-slide patches >= threshold.
 
-    Ranking is over the whole training cohort, so a confident slide contributes more than a doubtful one.
-    ``eligible`` (optional mask) excludes patches beforehand (e.g. those with a normal-slide twin). When no patch
-    passes, the top patch of each tumor slide is taken instead, with a warning, so the loop never stalls on an
-    empty positive set.
+    Ranking is over the whole training cohort, so a confident slide contributes more than a doubtful one; with
+    ``groups`` (e.g. each patch's site) it is within each group, at least one per group with candidates, so a
+    group whose scores run higher (a site's stain) does not supply every positive. ``eligible`` (optional mask)
+    excludes patches beforehand (e.g. those with a normal-slide twin). When no patch passes, the top patch of
+    each tumor slide is taken instead, with a warning, so the loop never stalls on an empty positive set.
     """
     slide_ids, probs = np.asarray(slide_ids), np.asarray(probs, dtype=np.float64)
     tumor = np.asarray(slide_labels) == 1
@@ -63,9 +65,11 @@ def pseudo_positive_mask(slide_ids: np.ndarray, slide_labels: np.ndarray, probs:
                           "each tumor slide as positive", stacklevel=2)
             mask[top_per_slide(slide_ids, probs, tumor)] = True
         return mask
-    keep = max(1, int(round(fraction * len(candidates))))
-    order = candidates[np.lexsort((candidates, -probs[candidates]))]  # ties broken by position: deterministic
-    mask[order[:keep]] = True
+    for members in ([candidates] if groups is None else
+                    [candidates[np.asarray(groups)[candidates] == g] for g in np.unique(np.asarray(groups)[candidates])]):
+        keep = max(1, int(round(fraction * len(members))))
+        order = members[np.lexsort((members, -probs[members]))]  # ties broken by position: deterministic
+        mask[order[:keep]] = True
     return mask
 
 

@@ -60,6 +60,18 @@ def test_positive_fraction_of_above_threshold_tumor_patches():
     assert np.flatnonzero(mask).tolist() == [0, 1, 2, 3]
 
 
+def test_positive_fraction_within_each_site_when_grouped():
+    slides = np.array(["a"] * 6 + ["b"] * 4 + ["n"] * 2)
+    labels = np.array([1] * 10 + [0] * 2)
+    probs = np.array([0.95, 0.94, 0.93, 0.92, 0.91, 0.9, 0.5, 0.45, 0.4, 0.35, 0.99, 0.98])
+    sites = np.array(["C"] * 6 + ["A"] * 4 + ["A"] * 2)
+    assert np.flatnonzero(pseudo_positive_mask(slides, labels, probs, 0.3, 0.5)).tolist() == [0, 1, 2, 3, 4]
+    by_site = pseudo_positive_mask(slides, labels, probs, 0.3, 0.5, groups=sites)
+    assert np.flatnonzero(by_site).tolist() == [0, 1, 2, 6, 7]  # half of each site's candidates, its top ones
+    few = pseudo_positive_mask(slides, labels, probs, 0.3, 0.1, groups=sites)
+    assert np.flatnonzero(few).tolist() == [0, 6]  # at least one per site with candidates
+
+
 def test_no_patch_passes_threshold_falls_back_to_top_patch_per_tumor_slide():
     slides = np.array(["a", "a", "b", "b", "n"])
     labels = np.array([1, 1, 1, 1, 0])
@@ -446,3 +458,15 @@ def test_mine_reads_sites_from_the_labels_and_warns_in_one_line(tmp_path, capsys
     cli.main(["--scores", str(tmp_path / "run"), "--labels", str(labels), "--out", str(out)])
     assert "warning: positives come" not in capsys.readouterr().out
     assert json.loads((tmp_path / "selection_quality.json").read_text())["site_mix"] is None
+
+
+def test_positives_by_site_reads_the_site_column_and_spans_the_sites():
+    patches = table([("ta", 1, [0.9, 0.9, 0.9, 0.9]), ("tb", 1, [0.5, 0.4]), ("na", 0, [0.5, 0.2]),
+                     ("nb", 0, [0.6, 0.2])])
+    patches["site"] = patches["slide_id"].str[1]
+    config = MiningConfig(neg_ratio=0.5, positives=PositiveSchedule(start=0.5))
+    by_score = select_patches(patches, config)
+    assert set(by_score.query("kind == 'positive'")["slide_id"]) == {"ta"} and by_score.attrs["site_mix"]["warning"]
+    by_site = select_patches(patches, replace(config, positives_by_site=True))
+    assert by_site.query("kind == 'positive'")["slide_id"].tolist() == ["ta", "ta", "tb"]
+    assert by_site.attrs["site_mix"]["warning"] is None
