@@ -167,19 +167,21 @@ def select_patches(table: pd.DataFrame, config: MiningConfig, round_index: int =
     selection.attrs["candidate_pool"] = pool
     selection.attrs["positive_count"] = few
     tumor_slide_sites = None if sites is None else pd.unique(sites[labels == 1])
-    selection.attrs["site_mix"] = None if sites is None else site_mix(sites[positive], sites[hard], tumor_slide_sites)
+    selection.attrs["site_mix"] = None if sites is None else site_mix(sites[positive], sites[hard], tumor_slide_sites,
+                                                                      config.positives_by_site)
     return selection
 
 
-def site_mix(positive_sites: np.ndarray, hard_sites: np.ndarray, tumor_slide_sites: np.ndarray) -> dict:
+def site_mix(positive_sites: np.ndarray, hard_sites: np.ndarray, tumor_slide_sites: np.ndarray,
+             by_site: bool = False) -> dict:
     """Label-free check: do the positives span the sites (hospitals, scanners) of the training tumor slides?
 
     Fine-tuning learns tumor from the positives. Positives from one site teach tumor as that site's stain shows
     it: on a synthetic cohort whose 10 positives all came from one of three sites, the refreshed encoder scored
     that site's tumor far above normal tissue and the other sites' tumor below it (patch AUC 0.88 -> 0.58).
-    ``overlap``, the share the site mixes of positives and hard negatives have in common (1: the same mix, 0: no
-    site in common), is reported beside it: taking the hard negatives from the positives' sites did not mend that
-    cohort (docs/method.md).
+    Taking the positives within each site (``by_site``: ``mining.positives_by_site``) mended it; taking the hard
+    negatives from the positives' sites did not (docs/method.md). ``overlap``, the share the site mixes of
+    positives and hard negatives have in common (1: the same mix, 0: no site in common), is reported beside it.
     """
     positive = pd.Series(positive_sites, dtype=object).astype(str).value_counts()
     hard = pd.Series(hard_sites, dtype=object).astype(str).value_counts()
@@ -191,9 +193,10 @@ def site_mix(positive_sites: np.ndarray, hard_sites: np.ndarray, tumor_slide_sit
     if len(tumor_sites) >= 2 and 2 * len(covered) <= len(tumor_sites):
         warning = (f"positives come from {len(covered)} of the {len(tumor_sites)} sites of the training tumor slides "
                    f"({_mix(positive) or 'none'}): fine-tuning learns tumor as {'/'.join(covered) or 'no site'} "
-                   "shows it; compare the rounds on validation slides of the other sites")
+                   "shows it; " + ("the other sites have no candidates, so compare the rounds on their validation "
+                                   "slides" if by_site else "set mining.positives_by_site true"))
     return {"positives": {k: int(v) for k, v in positive.items()}, "hard_negatives": {k: int(v) for k, v in hard.items()},
-            "tumor_slide_sites": tumor_sites, "overlap": overlap, "warning": warning}
+            "tumor_slide_sites": tumor_sites, "overlap": overlap, "by_site": by_site, "warning": warning}
 
 
 def _mix(counts: pd.Series) -> str:

@@ -437,6 +437,7 @@ def test_positives_from_few_of_the_tumor_slides_sites_are_flagged():
     assert one["positives"] == {"a": 2} and one["tumor_slide_sites"] == ["a", "b", "c"]
     assert one["hard_negatives"] == {"a": 2, "b": 1, "c": 1} and one["overlap"] == pytest.approx(0.5)
     assert one["warning"].startswith("positives come from 1 of the 3 sites of the training tumor slides (a 2)")
+    assert one["warning"].endswith("set mining.positives_by_site true") and one["by_site"] is False
     rows[1] = ("tb", 1, [0.9, 0.1])
     assert mix(rows)["warning"] is None  # two of the three sites
 
