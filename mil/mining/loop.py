@@ -79,8 +79,9 @@ class Stages:
             partial: Path | None = None) -> None:
         """``settings``: the stage's arguments, a dataclass (a marker written before one of its fields existed
         matches where that field holds its default) or the dict a command records."""
-        defaults = {"settings": default_settings(type(settings))} if is_dataclass(settings) else None
-        settings = asdict(settings) if is_dataclass(settings) else settings
+        defaults = None
+        if is_dataclass(settings):
+            defaults, settings = {"settings": default_settings(type(settings))}, asdict(settings)
         record = {"settings": self.spell(without_display(json.loads(json.dumps(settings, default=str)))),
                   "inputs": {self.spell(str(path)): fingerprint(str(path)) for path in inputs}}
         marker = self.marker(name)

@@ -102,9 +102,6 @@ def default_settings(cls: type) -> dict[str, Any]:
             value = item.default
         elif item.default_factory is not MISSING:
             value = item.default_factory()
-        elif isinstance(item.type, type) and is_dataclass(item.type):
-            found[item.name] = default_settings(item.type)
-            continue
         else:
             continue
         found[item.name] = asdict(value) if is_dataclass(value) else value

@@ -65,8 +65,9 @@ def pseudo_positive_mask(slide_ids: np.ndarray, slide_labels: np.ndarray, probs:
                           "each tumor slide as positive", stacklevel=2)
             mask[top_per_slide(slide_ids, probs, tumor)] = True
         return mask
-    for members in ([candidates] if groups is None else
-                    [candidates[np.asarray(groups)[candidates] == g] for g in np.unique(np.asarray(groups)[candidates])]):
+    group = np.zeros(len(probs), dtype=int) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1]
+    for name in np.unique(group[candidates]):
+        members = candidates[group[candidates] == name]
         keep = max(1, int(round(fraction * len(members))))
         order = members[np.lexsort((members, -probs[members]))]  # ties broken by position: deterministic
         mask[order[:keep]] = True
