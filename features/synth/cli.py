@@ -45,6 +45,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--paired_fraction", type=Optional[float], default=None,
                         help="share of slides from cases that have two slides (0.34)")
     parser.add_argument("--n_sites", type=Optional[int], default=None, help="number of sites, 1-4 (3)")
+    parser.add_argument("--site_cast", type=Optional[float], default=None,
+                        help="scales how far each site's colour cast is from neutral, 0-5 (1: a few per cent)")
     parser.add_argument("--folds", type=Optional[int], default=None, help="K >= 3 adds fold_0..fold_{K-1} columns")
     parser.add_argument("--tile", type=Optional[int], default=None, help="TIFF tile size (256)")
     parser.add_argument("--quality", type=Optional[int], default=None, help="JPEG quality (90)")

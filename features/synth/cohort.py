@@ -49,6 +49,7 @@ class CohortConfig:
     coverage: tuple[float, float] = (0.3, 0.6)  # tissue share of the slide
     paired_fraction: float = 0.34  # share of slides that come from a case with two slides
     n_sites: int = 3
+    site_cast: float = 1.0  # scales each site's colour cast (0: one look everywhere; 3: casts of ~10 % a channel)
     split: tuple[float, float, float] = (0.6, 0.2, 0.2)  # train, val, test shares of cases
     folds: int = 0  # K >= 3 adds fold_0..fold_{K-1} columns (0: none)
     seed: int = 0
@@ -69,6 +70,8 @@ class CohortConfig:
                 raise InputError(f"--{name} {getattr(self, name)}: must be between 0 and 1")
         if not 1 <= self.n_sites <= len(SITES):
             raise InputError(f"--n_sites {self.n_sites}: use 1 to {len(SITES)} sites")
+        if not 0 <= self.site_cast <= 5:
+            raise InputError(f"--site_cast {self.site_cast}: use 0 (no cast) to 5 (casts of ~20 % a channel)")
         if self.mpp <= 0:
             raise InputError(f"--mpp {self.mpp}: microns per pixel must be positive")
         return self
@@ -156,7 +159,7 @@ def slide_spec(row: pd.Series | dict, config: CohortConfig) -> SlideSpec:
         mpp=float(row["mpp"]), seed=int(row["seed"]), site=SITES.index(row["site"]), coverage=config.coverage,
         tumor_area=config.tumor_area, lookalike_area=config.lookalike_area,
         tumor_lookalike_area=config.tumor_lookalike_area,
-        lookalike_mimicry=config.lookalike_mimicry,
+        lookalike_mimicry=config.lookalike_mimicry, site_cast=config.site_cast,
     )
 
 

@@ -27,6 +27,7 @@ class SlideSpec:
     lookalike_area: tuple[float, float] = (0.015, 0.04)
     tumor_lookalike_area: tuple[float, float] | None = None  # on tumor slides; None: as ``lookalike_area``
     lookalike_mimicry: float = 0.0  # 0: the standard look-alike; 1: tumor's colour, size and density
+    site_cast: float = 1.0  # scales the site's colour cast (0: none)
 
 
 def plan_layout(spec: SlideSpec, rng: np.random.Generator) -> Layout:
@@ -47,10 +48,14 @@ def plan_layout(spec: SlideSpec, rng: np.random.Generator) -> Layout:
     return Layout(tissue=tissue, tumor=tumor, lookalike=lookalike)
 
 
-def site_tint(site: int) -> np.ndarray:
-    """A per-site multiplicative colour shift: scanners and staining differ between hospitals."""
+def site_tint(site: int, cast: float = 1.0) -> np.ndarray:
+    """A per-site multiplicative colour shift: scanners and staining differ between hospitals.
+
+    ``cast`` scales each shift's distance from no shift, so a cohort can make sites differ more (a stress test
+    for anything that learns tumor from patches of one site)."""
     shifts = np.array([[1.0, 1.0, 1.0], [1.03, 0.96, 0.98], [0.97, 1.0, 1.04], [1.02, 1.02, 0.95]], dtype=np.float32)
-    return shifts[site % len(shifts)]
+    shift = shifts[site % len(shifts)]
+    return shift if cast == 1 else (1 + cast * (shift - 1)).astype(np.float32)  # cast 1: the casts as they were
 
 
 def render_slide(spec: SlideSpec) -> tuple[np.ndarray, Layout]:
@@ -79,7 +84,7 @@ def render_slide(spec: SlideSpec) -> tuple[np.ndarray, Layout]:
     for opacity, color in layers:
         paint(image, opacity, color)
     noise = 2.5 * rng.standard_normal(shape, dtype=np.float32)
-    for channel, tint in enumerate(site_tint(spec.site)):
+    for channel, tint in enumerate(site_tint(spec.site, spec.site_cast)):
         plane = image[..., channel]
         plane *= tint
         plane += noise

@@ -273,3 +273,23 @@ def test_mimic_preset_lookalikes_take_tumors_look_and_outnumber_it_on_tumor_slid
                 "--height", "300", "--high_res_fraction", "0"])
     recorded = json.loads((tmp_path / "m" / "synth_config.json").read_text())["config"]
     assert recorded["lookalike_mimicry"] == 1.0 and recorded["tumor_lookalike_area"] == list(mimic.tumor_lookalike_area)
+
+
+def test_site_cast_scales_how_far_a_sites_colours_move(tmp_path, capsys):
+    from features.synth.render import SlideSpec, render_slide, site_tint
+
+    np.testing.assert_array_equal(site_tint(1), np.float32([1.03, 0.96, 0.98]))  # cast 1: the cohorts as before
+    np.testing.assert_array_equal(site_tint(2, 0.0), np.ones(3, dtype=np.float32))
+    means = {}
+    for cast in (0.0, 1.0, 3.0):
+        image, _ = render_slide(SlideSpec("s", tumor=False, width=400, height=300, mpp=1.0, seed=5, site=1,
+                                          coverage=(0.5, 0.6), site_cast=cast))
+        means[cast] = image.reshape(-1, 3).astype(np.float64).mean(axis=0)
+    red_over_green = {cast: np.log(m[0] / m[1]) for cast, m in means.items()}
+    shift_1, shift_3 = red_over_green[1.0] - red_over_green[0.0], red_over_green[3.0] - red_over_green[0.0]
+    assert shift_1 > 0.03 and shift_3 == pytest.approx(3 * shift_1, rel=0.25)
+    synth_main(["--out", str(tmp_path / "c"), "--n_slides", "2", "--width", "400", "--height", "300",
+                "--high_res_fraction", "0", "--site_cast", "3"])
+    assert json.loads((tmp_path / "c" / "synth_config.json").read_text())["config"]["site_cast"] == 3.0
+    assert features_main(["synth", "--out", str(tmp_path / "d"), "--site_cast", "9"]) == 2
+    assert "--site_cast 9.0: use 0 (no cast) to 5" in capsys.readouterr().err
