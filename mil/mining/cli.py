@@ -85,6 +85,8 @@ def mine(args: MineArgs) -> pd.DataFrame:
           + ("" if near_hard is None else f", {near_hard} positives for a nearby hard negative") + ")")
     pool, twins, near_test, count, sites = (selection.attrs[key] for key in (
         "candidate_pool", "twin_test", "near_hard_test", "positive_count", "site_mix"))
+    if sites and sites["note"]:
+        print(f"note: {sites['note']}", flush=True)
     for warning in (pool["warning"], twins and twins["warning"], near_test and near_test["warning"], count["warning"],
                     sites and sites["warning"]):
         if warning:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -45,9 +46,12 @@ class MiningConfig:
     rarely covers half of all tumor-slide tissue (metastases are mostly small), so such a pool is mostly not tumor."""
     positives: PositiveSchedule = field(default_factory=PositiveSchedule)
     """Self-paced schedule of the positive fraction."""
-    positives_by_site: bool = False
-    """Apply the positive fraction within each site (the labels CSV's ``site`` column), at least one positive per
-    site with candidates: a site whose stain lifts its scores no longer supplies every positive."""
+    positives_by_site: bool | Literal["auto"] = "auto"
+    """true: apply the positive fraction within each site (the labels CSV's ``site`` column), at least one positive
+    per site with candidates, so a site whose stain lifts its scores no longer supplies every positive. auto: rank
+    over the cohort, and take them within each site only when those positives come from half or fewer of the
+    training tumor slides' sites (the site check's warning); it mended three of the four synthetic cohorts where
+    that happened and changes nothing elsewhere (docs/method.md). false: always over the cohort."""
     neg_ratio: float = 0.1
     """Fraction of all normal-slide training patches kept as hard negatives (top by score)."""
     random_ratio: float = 0.0
@@ -133,8 +137,14 @@ def select_patches(table: pd.DataFrame, config: MiningConfig, round_index: int =
     twins = _twin_test(table, candidates, config, round_index, features)
     eligible, removed = _eligible(twins, candidates, len(table))
     sites = table["site"].to_numpy(dtype=object).astype(str) if "site" in table.columns else None
+    tumor_slide_sites = None if sites is None else pd.unique(sites[labels == 1])
+    by_site = sites is not None and config.positives_by_site is True
     positive = pseudo_positive_mask(slide_ids, labels, probs, threshold, fraction, eligible,
-                                    sites if config.positives_by_site else None)
+                                    sites if by_site else None)
+    by_score_sites = None
+    if config.positives_by_site == "auto" and sites is not None and few_sites(sites[positive], tumor_slide_sites):
+        by_score_sites, by_site = sites[positive], True
+        positive = pseudo_positive_mask(slide_ids, labels, probs, threshold, fraction, eligible, sites)
     positive = _cap(positive, probs, config.max_positives)
     normal = np.flatnonzero(labels == 0)
     hard = _top_fraction(normal, probs, config.neg_ratio, config.min_hard_negatives, config.max_hard_negatives)
@@ -166,37 +176,54 @@ def select_patches(table: pd.DataFrame, config: MiningConfig, round_index: int =
     selection.attrs["near_hard_test"] = near_hard
     selection.attrs["candidate_pool"] = pool
     selection.attrs["positive_count"] = few
-    tumor_slide_sites = None if sites is None else pd.unique(sites[labels == 1])
     selection.attrs["site_mix"] = None if sites is None else site_mix(sites[positive], sites[hard], tumor_slide_sites,
-                                                                      config.positives_by_site)
+                                                                      by_site, by_score_sites)
     return selection
 
 
 def site_mix(positive_sites: np.ndarray, hard_sites: np.ndarray, tumor_slide_sites: np.ndarray,
-             by_site: bool = False) -> dict:
+             by_site: bool = False, by_score_sites: np.ndarray | None = None) -> dict:
     """Label-free check: do the positives span the sites (hospitals, scanners) of the training tumor slides?
 
     Fine-tuning learns tumor from the positives. Positives from one site teach tumor as that site's stain shows
     it: on a synthetic cohort whose 10 positives all came from one of three sites, the refreshed encoder scored
     that site's tumor far above normal tissue and the other sites' tumor below it (patch AUC 0.88 -> 0.58).
     Taking the positives within each site (``by_site``: ``mining.positives_by_site``) mended it; taking the hard
-    negatives from the positives' sites did not (docs/method.md). ``overlap``, the share the site mixes of
-    positives and hard negatives have in common (1: the same mix, 0: no site in common), is reported beside it.
+    negatives from the positives' sites did not (docs/method.md). ``by_score_sites``: the sites of the positives
+    ranked over the cohort, where ``positives_by_site: auto`` replaced them (reported as ``by_score`` and in
+    ``note``). ``overlap``, the share the site mixes of positives and hard negatives have in common (1: the same
+    mix, 0: no site in common), is reported beside it.
     """
-    positive = pd.Series(positive_sites, dtype=object).astype(str).value_counts()
-    hard = pd.Series(hard_sites, dtype=object).astype(str).value_counts()
+    positive, hard = _counts(positive_sites), _counts(hard_sites)
     overlap = float(np.minimum(positive / positive.sum(), hard / hard.sum()).fillna(0).sum()) if (
         len(positive) and len(hard)) else None
     tumor_sites = sorted(map(str, tumor_slide_sites))
     covered = [site for site in tumor_sites if site in positive.index]
-    warning = None
-    if len(tumor_sites) >= 2 and 2 * len(covered) <= len(tumor_sites):
+    warning = note = None
+    if few_sites(positive_sites, tumor_sites):
         warning = (f"positives come from {len(covered)} of the {len(tumor_sites)} sites of the training tumor slides "
                    f"({_mix(positive) or 'none'}): fine-tuning learns tumor as {'/'.join(covered) or 'no site'} "
                    "shows it; " + ("the other sites have no candidates, so compare the rounds on their validation "
-                                   "slides" if by_site else "set mining.positives_by_site true"))
+                                   "slides" if by_site else "set mining.positives_by_site auto or true"))
+    by_score = None if by_score_sites is None else _counts(by_score_sites)
+    if by_score is not None:
+        note = (f"positives taken within each site ({_mix(positive)}): ranked over the cohort they came from "
+                f"{len(by_score)} of the {len(tumor_sites)} training tumor slides' sites ({_mix(by_score)})")
     return {"positives": {k: int(v) for k, v in positive.items()}, "hard_negatives": {k: int(v) for k, v in hard.items()},
-            "tumor_slide_sites": tumor_sites, "overlap": overlap, "by_site": by_site, "warning": warning}
+            "tumor_slide_sites": tumor_sites, "overlap": overlap, "by_site": bool(by_site),
+            "by_score": None if by_score is None else {k: int(v) for k, v in by_score.items()}, "note": note,
+            "warning": warning}
+
+
+def few_sites(positive_sites: np.ndarray, tumor_slide_sites: np.ndarray) -> bool:
+    """True when the positives come from half or fewer of the training tumor slides' sites (two or more sites)."""
+    tumor_sites = set(map(str, tumor_slide_sites))
+    covered = tumor_sites & set(map(str, positive_sites))
+    return len(tumor_sites) >= 2 and 2 * len(covered) <= len(tumor_sites)
+
+
+def _counts(sites: np.ndarray) -> pd.Series:
+    return pd.Series(sites, dtype=object).astype(str).value_counts()
 
 
 def _mix(counts: pd.Series) -> str:

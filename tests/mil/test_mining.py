@@ -426,7 +426,7 @@ def test_candidate_pool_warns_when_most_of_a_tumor_slide_is_a_candidate(tmp_path
 def test_positives_from_few_of_the_tumor_slides_sites_are_flagged():
     rows = [("ta", 1, [0.9, 0.9]), ("tb", 1, [0.1, 0.1]), ("tc", 1, [0.1, 0.1]), ("na", 0, [0.5, 0.2, 0.1, 0.1]),
             ("nb", 0, [0.6, 0.2]), ("nc", 0, [0.7, 0.2])]
-    config = MiningConfig(neg_ratio=0.5, positives=PositiveSchedule(start=1.0))
+    config = MiningConfig(neg_ratio=0.5, positives=PositiveSchedule(start=1.0), positives_by_site=False)
 
     def mix(rows):
         patches = table(rows)
@@ -437,7 +437,7 @@ def test_positives_from_few_of_the_tumor_slides_sites_are_flagged():
     assert one["positives"] == {"a": 2} and one["tumor_slide_sites"] == ["a", "b", "c"]
     assert one["hard_negatives"] == {"a": 2, "b": 1, "c": 1} and one["overlap"] == pytest.approx(0.5)
     assert one["warning"].startswith("positives come from 1 of the 3 sites of the training tumor slides (a 2)")
-    assert one["warning"].endswith("set mining.positives_by_site true") and one["by_site"] is False
+    assert one["warning"].endswith("set mining.positives_by_site auto or true") and one["by_site"] is False
     rows[1] = ("tb", 1, [0.9, 0.1])
     assert mix(rows)["warning"] is None  # two of the three sites
 
@@ -450,11 +450,17 @@ def test_mine_reads_sites_from_the_labels_and_warns_in_one_line(tmp_path, capsys
     labels = tmp_path / "labels.csv"
     labels.write_text("slide_id,label,split,site\nt1,tumor,train, A\nt2,tumor,train,B\nn1,normal,train,B\n")
     out = tmp_path / "selection.csv"
-    cli.main(["--scores", str(tmp_path / "run"), "--labels", str(labels), "--out", str(out)])
+    cli.main(["--scores", str(tmp_path / "run"), "--labels", str(labels), "--out", str(out),
+              "--mining.positives_by_site", "false"])
     warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: positives come")]
     assert len(warnings) == 1 and "1 of the 2 sites of the training tumor slides (A 1)" in warnings[0]
     report = json.loads((tmp_path / "selection_quality.json").read_text())["site_mix"]
     assert report["tumor_slide_sites"] == ["A", "B"] and report["hard_negatives"] == {"B": 1} and report["overlap"] == 0
+    write_scores(scores, "t2", [0.4, 0.1])  # site B now has a candidate, ranked below site A's
+    cli.main(["--scores", str(tmp_path / "run"), "--labels", str(labels), "--out", str(out)])  # auto by default
+    printed = capsys.readouterr().out
+    assert "warning: positives come" not in printed and printed.count("note: positives taken within each site") == 1
+    assert json.loads((tmp_path / "selection_quality.json").read_text())["site_mix"]["positives"] == {"A": 1, "B": 1}
     labels.write_text("slide_id,label,split\nt1,tumor,train\nt2,tumor,train\nn1,normal,train\n")
     cli.main(["--scores", str(tmp_path / "run"), "--labels", str(labels), "--out", str(out)])
     assert "warning: positives come" not in capsys.readouterr().out
@@ -465,9 +471,28 @@ def test_positives_by_site_reads_the_site_column_and_spans_the_sites():
     patches = table([("ta", 1, [0.9, 0.9, 0.9, 0.9]), ("tb", 1, [0.5, 0.4]), ("na", 0, [0.5, 0.2]),
                      ("nb", 0, [0.6, 0.2])])
     patches["site"] = patches["slide_id"].str[1]
-    config = MiningConfig(neg_ratio=0.5, positives=PositiveSchedule(start=0.5))
+    config = MiningConfig(neg_ratio=0.5, positives=PositiveSchedule(start=0.5), positives_by_site=False)
     by_score = select_patches(patches, config)
     assert set(by_score.query("kind == 'positive'")["slide_id"]) == {"ta"} and by_score.attrs["site_mix"]["warning"]
     by_site = select_patches(patches, replace(config, positives_by_site=True))
     assert by_site.query("kind == 'positive'")["slide_id"].tolist() == ["ta", "ta", "tb"]
-    assert by_site.attrs["site_mix"]["warning"] is None
+    assert by_site.attrs["site_mix"]["warning"] is None and by_site.attrs["site_mix"]["note"] is None
+
+
+def test_positives_by_site_auto_switches_only_when_the_ranked_positives_miss_most_sites():
+    patches = table([("ta", 1, [0.9, 0.9, 0.9, 0.9]), ("tb", 1, [0.5, 0.4]), ("na", 0, [0.5, 0.2]),
+                     ("nb", 0, [0.6, 0.2])])
+    patches["site"] = patches["slide_id"].str[1]
+    auto = MiningConfig(neg_ratio=0.5, positives=PositiveSchedule(start=0.5))
+    assert auto.positives_by_site == "auto"
+    switched = select_patches(patches, auto)
+    assert switched.query("kind == 'positive'")["slide_id"].tolist() == ["ta", "ta", "tb"]
+    mix = switched.attrs["site_mix"]
+    assert mix["by_site"] is True and mix["by_score"] == {"a": 3} and mix["warning"] is None
+    assert mix["note"] == ("positives taken within each site (a 2, b 1): ranked over the cohort they came from 1 of "
+                           "the 2 training tumor slides' sites (a 3)")
+    patches.loc[patches["slide_id"] == "tb", "score"] = 5.0  # site b now ranks first: both sites among the top
+    patches = pd.concat([patches, table([("tc", 1, [0.9, 0.9, 0.9, 0.9])]).assign(site="a")], ignore_index=True)
+    kept = select_patches(patches, auto)
+    assert kept.equals(select_patches(patches, replace(auto, positives_by_site=False)))
+    assert kept.attrs["site_mix"]["by_site"] is False and kept.attrs["site_mix"]["note"] is None
